@@ -1,0 +1,31 @@
+# qvggt: make setup | make demo | make test
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an open `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/qvggt predict synthetic:0 --preset tiny --out runs/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check qvggt tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

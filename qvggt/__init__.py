@@ -1,0 +1,7 @@
+"""qvggt: real low-bit quantization of VGGT-class 3D reconstruction transformers.
+
+Importing qvggt pulls in torch and numpy only: no orchestration (prefect, mlflow, dvc, boto3), no CUDA
+initialisation, so the model, quantization and kernel modules run on a bare GPU machine.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""The ``qvggt`` command line. Each verb is a thin wrapper over a pure function in the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantized VGGT: 3D reconstruction, made cheap.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def predict(
+    source: Annotated[str, typer.Argument(help="A folder of images, or synthetic:SEED for a rendered scene.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/predict"),
+    preset: Annotated[
+        str | None, typer.Option(help="Architecture: tiny, small or vggt-1b [params: predict.preset].")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="model.pt / .pth / .safetensors weights.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, or bfloat16 (aggregator autocast, fp32 heads).")] = None,
+    frames: Annotated[int, typer.Option(help="Frames to render for synthetic:SEED.")] = 8,
+    size: Annotated[int | None, typer.Option(help="Image width (multiple of 14); default: the preset's.")] = None,
+    mode: Annotated[str, typer.Option(help="Image preprocessing: crop or pad.")] = "crop",
+    conf_percentile: Annotated[float | None, typer.Option(help="Keep points above this confidence percentile.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for random weights and point subsampling.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    params: Annotated[Path, typer.Option(help="Project parameters (section `predict` gives the defaults).")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Reconstruct a scene: writes predictions.npz, points.ply and prediction.png into --out.
+
+    Options left out take their value from the `predict` section of params.yaml.
+    """
+    from qvggt.config import load_config
+    from qvggt.predict import predict as run  # lazy: keeps `qvggt --help` fast
+
+    try:
+        p = load_config(params).predict
+        checkpoint = checkpoint or (Path(p.checkpoint) if p.checkpoint else None)
+        if checkpoint is None:
+            typer.secho(
+                "note: no checkpoint given: using randomly initialised weights", fg=typer.colors.YELLOW, err=True
+            )
+        paths = run(
+            source,
+            out,
+            preset or (None if checkpoint else p.preset),
+            checkpoint,
+            dtype or p.dtype,
+            frames,
+            size,
+            mode,
+            p.conf_percentile if conf_percentile is None else conf_percentile,
+            p.seed if seed is None else seed,
+            device,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    for kind, path in paths.items():
+        typer.echo(f"{kind:12s} {path}")
+
+
+@app.command()
+def memory(
+    frames: Annotated[list[int], typer.Option(help="Frame counts.")] = [8, 32, 100],  # noqa: B006
+    height: int = 392,
+    width: int = 518,
+    preset: str = "vggt-1b",
+) -> None:
+    """Estimate peak inference memory on the meta device (keep-4 vs keep-all layers, fp32 and bf16)."""
+    import torch
+
+    from qvggt.model import get_preset
+    from qvggt.model.memory import estimate_peak_memory
+
+    try:
+        cfg = get_preset(preset)
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo("| frames | dtype | weights GB | peak, all 24 layers kept GB | peak, 4 read layers kept GB | saving |")
+    typer.echo("|---|---|---|---|---|---|")
+    for s in frames:
+        for dt in (torch.float32, torch.bfloat16):
+            full = estimate_peak_memory(cfg, s, height, width, dt, keep_all_layers=True)
+            lean = estimate_peak_memory(cfg, s, height, width, dt, keep_all_layers=False)
+            typer.echo(
+                f"| {s} | {full.dtype} | {full.weight_bytes / 1e9:.2f} | {full.peak_bytes / 1e9:.2f} | "
+                f"{lean.peak_bytes / 1e9:.2f} | {full.peak_bytes / lean.peak_bytes:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    app()

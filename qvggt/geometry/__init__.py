@@ -1,0 +1,1 @@
+"""Camera geometry: rotations, pose encodings, projections."""

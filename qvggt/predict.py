@@ -1,0 +1,135 @@
+"""``qvggt predict``: run VGGT on a folder of images or a synthetic scene and write its outputs.
+
+Writes, into the output folder:
+  - ``predictions.npz``: the model's outputs under their own names, batch dim dropped (S frames, H x W):
+    ``pose_enc`` [S, 9], ``depth`` [S, H, W, 1], ``depth_conf`` [S, H, W], ``world_points`` [S, H, W, 3],
+    ``world_points_conf`` [S, H, W], plus ``extrinsic`` [S, 3, 4] (camera-from-world, OpenCV) and
+    ``intrinsic`` [S, 3, 3], and the input ``images`` [S, 3, H, W];
+  - ``points.ply``: the confident part of the predicted point map, coloured by the input;
+  - ``prediction.png``: input frames, predicted depth, the rendered point cloud (next to ground truth for
+    synthetic scenes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qvggt.data.images import load_image_folder
+from qvggt.data.synthetic import make_scene
+from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
+from qvggt.io import atomic_open
+from qvggt.model import VGGT, load_vggt
+from qvggt.viz import confident_points, save_prediction_figure, write_ply
+
+SYNTHETIC_PREFIX = "synthetic:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OUTPUT_FILES = {"predictions": "predictions.npz", "ply": "points.ply", "png": "prediction.png"}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """images [S, 3, H, W] in [0, 1]; for synthetic scenes also ground-truth points [S, H, W, 3] and mask."""
+
+    images: torch.Tensor
+    name: str
+    gt_points: np.ndarray | None = None
+    gt_mask: np.ndarray | None = None
+
+
+def load_inputs(source: str, image_hw: tuple[int, int], num_frames: int = 8, mode: str = "crop") -> Inputs:
+    """``synthetic:SEED`` renders that scene at ``image_hw``; anything else is a folder of images, resized to
+    width ``image_hw[1]`` with the published crop/pad preprocessing."""
+    if source.startswith(SYNTHETIC_PREFIX):
+        seed_text = source[len(SYNTHETIC_PREFIX) :]
+        if not seed_text.isdigit():
+            raise ValueError(
+                f"bad synthetic source {source!r}: use synthetic:SEED with an integer seed, e.g. synthetic:0"
+            )
+        scene = make_scene(int(seed_text), num_frames=num_frames, height=image_hw[0], width=image_hw[1]).normalized()
+        return Inputs(torch.from_numpy(scene.images), scene.scene_id, scene.world_points, scene.valid_mask)
+    folder = Path(source)
+    images = load_image_folder(folder, mode=mode, target_size=image_hw[1])
+    return Inputs(images, folder.name)
+
+
+@torch.no_grad()
+def run_model(model: VGGT, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    """Forward pass on [S, 3, H, W] images -> numpy outputs without the batch dim, plus extrinsic/intrinsic."""
+    device = next(model.parameters()).device
+    images = images.to(device)
+    out = model(images, dtype=dtype)
+    extrinsic, intrinsic = pose_encoding_to_extri_intri(out["pose_enc"], images.shape[-2:])
+    arrays = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    arrays.update(extrinsic=extrinsic, intrinsic=intrinsic)
+    return {k: v[0].float().cpu().numpy() for k, v in arrays.items()}
+
+
+def predict(
+    source: str,
+    out_dir: str | Path,
+    preset: str | None = None,
+    checkpoint: str | Path | None = None,
+    dtype: str = "float32",
+    num_frames: int = 8,
+    image_size: int | None = None,
+    mode: str = "crop",
+    conf_percentile: float = 50.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Path]:
+    """Run the whole predict job; returns the paths written. Raises ValueError subclasses on bad input."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    with tqdm(total=5, desc="predict", unit="step", leave=False) as steps:
+        steps.set_postfix_str("loading model")
+        # A checkpoint of ours carries its config; a released model.pt defaults to vggt-1b; no checkpoint: tiny.
+        model = load_vggt(checkpoint, preset=preset or (None if checkpoint else "tiny"), device=device)
+        steps.update()
+
+        cfg = model.cfg
+        hw = (image_size, image_size) if image_size else cfg.default_image_hw
+        steps.set_postfix_str("loading images")
+        inputs = load_inputs(source, hw, num_frames=num_frames, mode=mode)
+        steps.update()
+
+        steps.set_postfix_str(f"inference on {inputs.images.shape[0]} frames")
+        arrays = run_model(model, inputs.images, DTYPES[dtype])
+        arrays["images"] = inputs.images.numpy()
+        steps.update()
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {name: out_dir / f for name, f in OUTPUT_FILES.items()}
+
+        with atomic_open(paths["predictions"]) as f:
+            np.savez_compressed(f, **arrays)
+        points, colors = confident_points(
+            arrays["world_points"], arrays["world_points_conf"], arrays["images"], percentile=conf_percentile, seed=seed
+        )
+        write_ply(paths["ply"], points, colors)
+        steps.update()
+
+        steps.set_postfix_str("rendering figure")
+        gt_points = gt_colors = None
+        if inputs.gt_points is not None:
+            gt_points, gt_colors = confident_points(
+                inputs.gt_points, inputs.gt_mask.astype(np.float32), arrays["images"], percentile=0, mask=inputs.gt_mask
+            )
+        save_prediction_figure(
+            paths["png"],
+            arrays["images"],
+            arrays["depth"],
+            points,
+            colors,
+            gt_points=gt_points,
+            gt_colors=gt_colors,
+            title=f"{inputs.name}: {cfg.name} ({dtype})",
+        )
+        steps.update()
+    return paths

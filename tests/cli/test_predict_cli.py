@@ -1,0 +1,89 @@
+"""`qvggt predict` end to end through the real CLI entry point (typer's runner, same process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from qvggt.cli import app
+from qvggt.model import build_model, get_preset, save_checkpoint
+from qvggt.viz import read_ply
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["predict", *args])
+
+
+def test_synthetic_scene(tmp_path: Path) -> None:
+    res = _run("synthetic:5", "--preset", "tiny", "--frames", "3", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "predictions.npz") as npz:
+        arrays = dict(npz)
+    assert arrays["pose_enc"].shape == (3, 9)
+    assert arrays["depth"].shape == (3, 126, 126, 1)
+    assert arrays["world_points"].shape == (3, 126, 126, 3)
+    assert arrays["extrinsic"].shape == (3, 3, 4) and arrays["intrinsic"].shape == (3, 3, 3)
+    # The intrinsics follow from the predicted field of view: principal point at the image centre.
+    assert np.allclose(arrays["intrinsic"][:, 0, 2], 63.0) and np.allclose(arrays["intrinsic"][:, 1, 2], 63.0)
+    points, colors = read_ply(tmp_path / "points.ply")
+    assert 0 < len(points) <= 3 * 126 * 126 and colors is not None
+    png = Image.open(tmp_path / "prediction.png")
+    assert png.format == "PNG" and png.size[0] > 500
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_folder_of_images_and_our_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(200, 150), (200, 150), (200, 150)]):
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(get_preset("tiny")), tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    res = _run(str(folder), "--checkpoint", str(ckpt), "--out", str(out), "--dtype", "bfloat16")
+    assert res.exit_code == 0, res.output
+    with np.load(out / "predictions.npz") as npz:
+        # crop mode: width 126, height round(150 * 126 / 200 / 14) * 14 = 98
+        assert npz["depth"].shape == (3, 98, 126, 1)
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        ("empty", [], "no images"),
+        ("corrupt", [], "x.png"),
+        ("missing", [], "not found"),
+        ("synthetic", ["--size", "130"], "multiple of the patch size 14"),
+        ("wrong_arch", [], "does not fit"),
+        ("synthetic", ["--dtype", "float8"], "unknown dtype"),
+        ("badseed", [], "synthetic:SEED"),
+        ("synthetic", ["--preset", "huge"], "unknown preset"),
+    ],
+)
+def test_bad_input_fails_clearly(tmp_path: Path, setup: str, args: list[str], message: str) -> None:
+    source = str(tmp_path / "imgs")
+    if setup in ("empty", "corrupt"):
+        (tmp_path / "imgs").mkdir()
+    if setup == "corrupt":
+        (tmp_path / "imgs" / "x.png").write_bytes(b"not a png at all")
+    if setup in ("synthetic", "wrong_arch"):
+        source = "synthetic:1"
+    if setup == "badseed":
+        source = "synthetic:abc"
+    if setup == "wrong_arch":
+        torch.save(build_model(get_preset("tiny")).state_dict(), tmp_path / "model.pt")
+        args = ["--checkpoint", str(tmp_path / "model.pt"), "--preset", "small"]
+    out = tmp_path / "out"
+    res = _run(source, "--out", str(out), *args)
+    assert res.exit_code != 0
+    assert message.lower() in res.output.lower(), res.output
+    assert not (out / "predictions.npz").exists()

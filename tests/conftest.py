@@ -1,0 +1,35 @@
+"""Shared fixtures. Tests run on CPU, single-process; torch threads follow the machine (2 cores in CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data_files"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+def reference_shapes() -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the released VGGT-1B checkpoint (tests/data_files/vggt_1b_state_dict.txt)."""
+    shapes = {}
+    for line in (DATA / "vggt_1b_state_dict.txt").read_text().splitlines():
+        name, shape = line.split("\t")
+        shapes[name] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
+    return shapes
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

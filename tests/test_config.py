@@ -1,0 +1,43 @@
+"""params.yaml loads into typed, validated sections; bad files fail with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qvggt.config import ConfigError, ProjectConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_yaml_is_valid() -> None:
+    cfg = load_config(REPO / "params.yaml")
+    assert isinstance(cfg, ProjectConfig)
+    assert not cfg.data.calib_seeds.overlaps(cfg.data.eval_seeds)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "mapping of sections"),
+        ("data:\n  num_frames: zero\n", "data.num_frames"),
+        ("data:\n  height: 130\n", "multiple of 14"),
+        ("data:\n  calib_seeds: {start: 0, stop: 10}\n  eval_seeds: {start: 5, stop: 20}\n", "overlap"),
+        ("predict:\n  preset: huge\n", "predict.preset"),
+        ("predict:\n  dtype: float8\n", "predict.dtype"),
+        ("unknown_section: {}\n", "unknown_section"),
+        ("predict:\n  conf_percentile: 120\n", "predict.conf_percentile"),
+    ],
+)
+def test_bad_params_fail_with_key_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
