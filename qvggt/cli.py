@@ -68,6 +68,65 @@ def predict(
 
 
 @app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the final model and its metrics.")] = Path(
+        "models/small"
+    ),
+    work_dir: Annotated[Path, typer.Option(help="Resumable training state.")] = Path("runs/train"),
+    cache_dir: Annotated[Path, typer.Option(help="Rendered training-scene cache.")] = Path("runs/cache"),
+    export_dtype: Annotated[str, typer.Option(help="float32 or float16 for the exported model.")] = "float16",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    steps: Annotated[int | None, typer.Option(help="Override train.steps (e.g. a smoke run).")] = None,
+    params: Annotated[Path, typer.Option(help="Project parameters (sections `train` and `data`).")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Train a preset on synthetic scenes with VGGT's losses; resumes from --work-dir after an interruption."""
+    import torch
+
+    from qvggt.config import load_config
+    from qvggt.train.trainer import train as run
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    try:
+        if export_dtype not in dtypes:
+            raise ValueError(f"unknown --export-dtype {export_dtype!r}; use float32 or float16")
+        cfg = load_config(params)
+        tcfg = cfg.train if steps is None else cfg.train.model_copy(update={"steps": steps})
+        result = run(tcfg, cfg.data, out, work_dir, cache_dir, device, dtypes[export_dtype])
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    typer.echo(f"trained {result.steps} steps, final loss {result.final_loss:.4f}: {result.model_path}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Reference model: a checkpoint, or preset:NAME (random weights).")],
+    compare: Annotated[list[str] | None, typer.Option(help="Models to compare with the reference (repeat).")] = None,
+    dataset: Annotated[str, typer.Option(help="synthetic[:eval], co3d:ROOT or 7scenes:ROOT.")] = "synthetic:eval",
+    out: Annotated[Path, typer.Option("--out", help="Output folder (resumable).")] = Path("runs/eval"),
+    frames: Annotated[int, typer.Option(help="Frames per sample.")] = 8,
+    scenes: Annotated[int, typer.Option(help="Number of samples (synthetic) or cap on them.")] = 16,
+    baseline: Annotated[bool, typer.Option(help="Also score the identity-pose / constant-depth baseline.")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+) -> None:
+    """Evaluate models on the same samples: metrics.json, scenes.jsonl and a report folder with plots."""
+    from qvggt.config import load_config
+    from qvggt.eval.command import run_eval
+    from qvggt.eval.runner import format_table
+
+    try:
+        data = load_config(params).data
+        result = run_eval(model, compare or [], dataset, out, frames, scenes, baseline, dtype, device, data)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        _fail(exc)
+    typer.echo(format_table(result))
+    typer.echo(f"\nreport: {out / 'report' / 'report.md'}")
+
+
+@app.command()
 def memory(
     frames: Annotated[list[int], typer.Option(help="Frame counts.")] = [8, 32, 100],  # noqa: B006
     height: int = 392,

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qvggt.data.synthetic import CATEGORIES
 from qvggt.model.config import PRESETS
 
 
@@ -48,6 +49,11 @@ class DataConfig(Section):
     num_frames: int = Field(8, ge=1)
     height: int = Field(126, gt=0)
     width: int = Field(126, gt=0)
+    # Categories never seen in training or calibration: evaluation reports them as held out.
+    heldout_categories: tuple[str, ...] = ("centerpiece", "flythrough")
+
+    def train_categories(self) -> tuple[str, ...]:
+        return tuple(c for c in CATEGORIES if c not in self.heldout_categories)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -57,6 +63,11 @@ class DataConfig(Section):
             for b in names[i + 1 :]:
                 if ranges[a].overlaps(ranges[b]):
                     raise ValueError(f"data.{a} and data.{b} overlap: splits must be disjoint")
+        unknown = [c for c in self.heldout_categories if c not in CATEGORIES]
+        if unknown:
+            raise ValueError(f"data.heldout_categories {unknown} are not among {list(CATEGORIES)}")
+        if len(self.heldout_categories) >= len(CATEGORIES):
+            raise ValueError("data.heldout_categories leaves no category to train or calibrate on")
         for name in ("height", "width"):
             if getattr(self, name) % 14:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be a multiple of 14")
@@ -79,11 +90,46 @@ class PredictConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """``qvggt train``: training a preset on cached synthetic scenes (stage ``train_small``)."""
+
+    preset: str = "small"
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    num_frames: int = Field(4, ge=1)
+    image_size: int = Field(126, gt=0)
+    num_scenes: int = Field(2000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    camera_weight: float = Field(5.0, ge=0)
+    depth_weight: float = Field(1.0, ge=0)
+    point_weight: float = Field(1.0, ge=0)
+    threads: int | None = Field(None, ge=1)
+    mlflow_tracking_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"train.preset {self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.image_size % 14:
+            raise ValueError(f"train.image_size={self.image_size} must be a multiple of 14")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
+        return self
+
+
 class ProjectConfig(Section):
     """All of ``params.yaml``."""
 
     data: DataConfig = DataConfig()
     predict: PredictConfig = PredictConfig()
+    train: TrainConfig = TrainConfig()
 
 
 class ConfigError(ValueError):

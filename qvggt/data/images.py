@@ -46,6 +46,7 @@ __all__ = [
     "list_image_files",
     "load_image_folder",
     "load_images",
+    "preprocess_geometry",
     "preprocess_pil",
 ]
 
@@ -102,6 +103,26 @@ def _resized_size(width: int, height: int, mode: str, target_size: int) -> tuple
         return _round_to_patch(width * (target_size / height)), target_size
     # "crop", and "pad" for landscape/square images: the width becomes target_size.
     return target_size, _round_to_patch(height * (target_size / width))
+
+
+def preprocess_geometry(
+    width: int, height: int, mode: str = "crop", target_size: int = DEFAULT_TARGET_SIZE
+) -> tuple[int, int, int, int]:
+    """Where :func:`preprocess_pil` puts an image of size ``width x height``: ``(new_w, new_h, x0, y0)``.
+
+    ``(new_w, new_h)`` is the bicubic resize size; output pixel ``(u, v)`` is resized pixel ``(u + x0, v + y0)``.
+    ``"crop"``: ``x0 = 0``, ``y0`` = the centre-crop start (``>= 0``); ``"pad"``: ``x0, y0 <= 0`` (minus the
+    left/top white padding). The resize is centre-aligned (PIL), so in continuous coordinates with the origin
+    at the top-left image *corner* a point ``x`` maps to ``x * new_w / width - x0`` (likewise ``y``); with
+    the origin at the top-left pixel *centre* (OpenCV) ``u -> (u + 0.5) * new_w / width - 0.5 - x0``.
+    Use it to carry intrinsics through preprocessing.
+    """
+    _check_mode(mode)
+    target_size = check_target_size(target_size)
+    new_w, new_h = _resized_size(int(width), int(height), mode, target_size)
+    if mode == "pad":
+        return new_w, new_h, -((target_size - new_w) // 2), -((target_size - new_h) // 2)
+    return new_w, new_h, 0, max(new_h - target_size, 0) // 2
 
 
 def _pad_white(img: torch.Tensor, height: int, width: int) -> torch.Tensor:

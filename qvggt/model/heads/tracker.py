@@ -364,6 +364,8 @@ class Tracker(nn.Module):
                 f"need corr_levels >= 1, corr_radius >= 0, depth >= 1, stride > 0; got {corr_levels}, "
                 f"{corr_radius}, {depth}, {stride}"
             )
+        if use_space_attn and num_virtual_tracks < 1:
+            raise ValueError(f"space attention needs num_virtual_tracks >= 1, got {num_virtual_tracks}")
         self.latent_dim = latent_dim
         self.predict_conf = predict_conf
         self.stride = stride

@@ -1,0 +1,1 @@
+"""Evaluation: metrics and protocols for comparing quantized and full-precision VGGT reconstructions."""

@@ -1,0 +1,72 @@
+"""``qvggt eval``: build predictors and a dataset from command-line specs, evaluate, report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from qvggt.config import DataConfig
+from qvggt.eval.datasets import EvalDataset, make_dataset
+from qvggt.eval.runner import EvalResult, ModelPredictor, Predictor, TrivialBaseline, evaluate
+from qvggt.model import VGGT, load_vggt
+
+PRESET_PREFIX = "preset:"
+
+
+def load_model_spec(spec: str, seed: int = 0) -> tuple[str, VGGT]:
+    """``preset:NAME`` -> randomly initialised (seeded) preset; otherwise a checkpoint path. Returns (name, model)."""
+    if spec.startswith(PRESET_PREFIX):
+        torch.manual_seed(seed)
+        name = spec[len(PRESET_PREFIX) :]
+        return f"{name}-untrained", load_vggt(preset=name)
+    path = Path(spec)
+    model = load_vggt(path)
+    return path.parent.name + "/" + path.stem if path.parent.name else path.stem, model
+
+
+def build_dataset(spec: str, model: VGGT, frames: int, scenes: int, data: DataConfig) -> EvalDataset:
+    """Dataset from its spec, with frames and image size matched to the reference model."""
+    h, w = model.cfg.default_image_hw
+    if spec.split(":", 1)[0].lower() == "synthetic":
+        return make_dataset(spec, n=scenes, data=data, num_frames=frames, height=h, width=w)
+    if spec.split(":", 1)[0].lower() == "co3d":
+        return make_dataset(spec, num_frames=frames, target_size=w)
+    return make_dataset(spec, num_frames=frames, target_size=w)
+
+
+def run_eval(
+    model: str,
+    compare: Sequence[str],
+    dataset: str,
+    out: str | Path,
+    frames: int = 8,
+    scenes: int = 16,
+    baseline: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    data: DataConfig | None = None,
+    exclude_ids: Sequence[str] = (),
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``model`` (the reference) and every ``compare`` spec on the same samples; write the report."""
+    from qvggt.eval.report import write_report  # matplotlib only when a report is written
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+    predictors: list[Predictor] = []
+    ref_model = None
+    for spec in (model, *compare):
+        name, m = load_model_spec(spec)
+        if any(p.name == name for p in predictors):
+            name = f"{name}#{len(predictors)}"
+        ref_model = ref_model or m
+        predictors.append(ModelPredictor(name, m.to(device), dtypes[dtype]))
+    if baseline:
+        predictors.append(TrivialBaseline())
+    ds = build_dataset(dataset, ref_model, frames, scenes, data or DataConfig())
+    result = evaluate(ds, predictors, out, max_scenes=scenes, exclude_ids=exclude_ids, progress=progress)
+    write_report(Path(out), result)
+    return result

@@ -1,0 +1,313 @@
+"""Run several predictors (full precision, quantized, trivial baselines) on the same samples and score them.
+
+Per-scene results are appended to ``scenes.jsonl`` as each scene finishes, so a crash loses no finished
+scene and a rerun continues where it stopped. The first predictor is the reference: the others get fidelity
+metrics against it, retention (100 * theirs / reference's) and a paired bootstrap interval of the per-scene
+differences. Aggregates are means over categories of per-category means (the Co3Dv2 protocol).
+
+Shape legend: S frames, H/W image size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qvggt.eval.datasets import EvalDataset, EvalSample
+from qvggt.eval.metrics import (
+    depth_metrics,
+    fidelity_metrics,
+    paired_bootstrap,
+    pointmap_metrics,
+    pose_errors,
+    pose_metrics,
+    retention,
+)
+from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
+from qvggt.io import atomic_open
+from qvggt.model import VGGT
+
+SCENES_FILE = "scenes.jsonl"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+# Metrics where larger is better (retention is reported for these only).
+HIGHER_IS_BETTER = ("pose_auc@30", "pose_auc@15", "pose_auc@5", "pose_auc@3", "rra@5", "rta@5", "depth_delta1")
+MAIN_METRICS = (
+    "pose_auc@30",
+    "pose_auc@5",
+    "rot_err_median",
+    "trans_err_median",
+    "depth_abs_rel",
+    "depth_delta1",
+    "pm_chamfer",
+)
+AUC_EDGES = np.arange(31)  # 1-degree bins of the per-pair max(rot, trans) error over 0..30 degrees
+
+
+class Predictor(Protocol):
+    """Anything that maps a sample to predictions: ``extrinsic`` [S, 3, 4], ``depth`` [S, H, W],
+    ``world_points`` [S, H, W, 3] (each optional), and their ``*_conf``."""
+
+    name: str
+
+    def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class ModelPredictor:
+    """A VGGT model (full precision or quantized) run on the sample's images."""
+
+    name: str
+    model: VGGT
+    dtype: torch.dtype = torch.float32
+
+    @torch.no_grad()
+    def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]:
+        device = next(self.model.parameters()).device
+        images = torch.from_numpy(sample.images).to(device)
+        out = self.model(images, dtype=self.dtype)
+        extrinsic, intrinsic = pose_encoding_to_extri_intri(out["pose_enc"], images.shape[-2:])
+        arrays = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        arrays.update(extrinsic=extrinsic, intrinsic=intrinsic)
+        preds = {k: v[0].float().cpu().numpy() for k, v in arrays.items()}
+        preds["depth"] = preds["depth"][..., 0]
+        return preds
+
+
+@dataclass
+class TrivialBaseline:
+    """Identity poses for every frame, and a constant-depth plane (scale-aligned by the metrics) seen by it.
+
+    Points are the plane unprojected with the mean ground-truth focal length from the identity camera: what a
+    model that has learned nothing about the scene but the average depth would predict.
+    """
+
+    name: str = "baseline:identity+plane"
+
+    def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]:
+        S, _, H, W = sample.images.shape
+        depth = np.ones((S, H, W), np.float32)
+        f = float(sample.intrinsics[:, [0, 1], [0, 1]].mean()) if sample.intrinsics is not None else float(max(H, W))
+        v, u = np.mgrid[0:H, 0:W].astype(np.float32)
+        plane = np.stack([(u - W / 2) / f, (v - H / 2) / f, np.ones_like(u)], axis=-1)
+        conf = np.ones((S, H, W), np.float32)
+        return {
+            "extrinsic": np.broadcast_to(np.eye(3, 4, dtype=np.float32), (S, 3, 4)).copy(),
+            "depth": depth,
+            "depth_conf": conf,
+            "world_points": np.broadcast_to(plane, (S, H, W, 3)).copy(),
+            "world_points_conf": conf,
+        }
+
+
+def score_sample(sample: EvalSample, preds: dict[str, np.ndarray], max_points: int = 20_000) -> dict:
+    """Metrics of one prediction against the sample's ground truth, plus the per-pair pose-error histogram."""
+    metrics: dict[str, float] = {}
+    extra: dict = {}
+    if sample.extrinsics is not None and "extrinsic" in preds and sample.num_frames >= 2:
+        metrics.update(pose_metrics(preds["extrinsic"], sample.extrinsics))
+        rot, trans = pose_errors(preds["extrinsic"], sample.extrinsics)
+        err = np.maximum(rot, trans)
+        extra["pose_err_hist"] = np.histogram(np.where(np.isfinite(err), err, 1e9), bins=AUC_EDGES)[0].tolist()
+        extra["pose_pairs"] = int(err.size)
+    if sample.depth is not None and "depth" in preds:
+        metrics.update(depth_metrics(preds["depth"], sample.depth, sample.valid_mask, align="frame"))
+    if sample.world_points is not None and "world_points" in preds:
+        metrics.update(
+            pointmap_metrics(preds["world_points"], sample.world_points, sample.valid_mask, max_points=max_points)
+        )
+    return {"metrics": metrics, **extra}
+
+
+@dataclass
+class EvalResult:
+    models: list[str]
+    aggregate: dict[str, dict[str, float]]
+    comparison: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+
+def _signature(dataset: EvalDataset, predictors: Sequence[Predictor], sample_ids: Sequence[str]) -> str:
+    spec = json.dumps([dataset.name, [p.name for p in predictors], list(sample_ids)])
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: that scene reruns
+            break
+    return records
+
+
+def evaluate(
+    dataset: EvalDataset,
+    predictors: Sequence[Predictor],
+    out_dir: str | Path,
+    max_scenes: int | None = None,
+    exclude_ids: Iterable[str] = (),
+    keep_predictions_for: int = 1,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate every predictor on the dataset's samples (the first ``max_scenes``), resumably, into ``out_dir``.
+
+    exclude_ids: sample ids that must not be evaluated (e.g. a calibration manifest's); any overlap is an error.
+    keep_predictions_for: the first N scenes also get their predictions saved (``predictions/<i>.npz``) for
+    the report's images.
+    """
+    if not predictors:
+        raise ValueError("evaluate needs at least one predictor")
+    names = [p.name for p in predictors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"predictor names must be unique, got {names}")
+    ids = dataset.sample_ids()[:max_scenes]
+    if not ids:
+        raise ValueError(f"dataset {dataset.name!r} has no samples")
+    overlap = sorted(set(ids) & set(exclude_ids))
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} evaluation samples were used for calibration (e.g. {overlap[:3]}): "
+            "evaluate on held-out samples"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    signature = _signature(dataset, predictors, ids)
+    run_path = out_dir / RUN_FILE
+    if run_path.exists() and json.loads(run_path.read_text()).get("signature") != signature:
+        raise ValueError(f"{out_dir} holds a different evaluation (other data or models): use another --out")
+    with atomic_open(run_path, "w") as f:
+        json.dump({"signature": signature, "dataset": dataset.name, "models": names, "samples": ids}, f, indent=1)
+
+    scenes_path = out_dir / SCENES_FILE
+    records = _read_records(scenes_path)
+    done = {r["sample_id"] for r in records}
+    # Rewrite the log without any torn trailing line before appending to it.
+    with atomic_open(scenes_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+    todo = [(i, sid) for i, sid in enumerate(ids) if sid not in done]
+    for index, sid in tqdm(todo, desc=f"eval {dataset.name}", disable=not progress, unit="scene"):
+        sample = dataset.load(sid)
+        preds = {p.name: p(sample) for p in predictors}
+        ref = preds[names[0]]
+        per_model = {}
+        for name in names:
+            scored = score_sample(sample, preds[name])
+            if name != names[0]:
+                scored["metrics"].update(fidelity_metrics(preds[name], ref))
+            per_model[name] = scored
+        record = {"index": index, "sample_id": sid, "category": sample.category, "models": per_model}
+        if index < keep_predictions_for:
+            _save_predictions(out_dir / "predictions" / f"{index}.npz", sample, preds)
+        with open(scenes_path, "a") as f:  # one line per finished scene: a crash loses at most this one
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        records.append(record)
+
+    records.sort(key=lambda r: r["index"])
+    result = summarise(records, names)
+    with atomic_open(out_dir / METRICS_FILE, "w") as f:
+        json.dump({"models": names, "aggregate": result.aggregate, "comparison": result.comparison}, f, indent=2)
+    return result
+
+
+def _save_predictions(path: Path, sample: EvalSample, preds: dict[str, dict[str, np.ndarray]]) -> None:
+    arrays = {"images": sample.images}
+    for name in ("depth", "valid_mask", "world_points"):
+        if getattr(sample, name) is not None:
+            arrays[f"gt/{name}"] = getattr(sample, name)
+    for model, p in preds.items():
+        for key in ("depth", "world_points", "world_points_conf"):
+            if key in p:
+                arrays[f"{model}/{key}"] = p[key]
+    with atomic_open(path) as f:
+        np.savez_compressed(f, **arrays)
+
+
+def _category_mean(values: list[tuple[str, float]]) -> float:
+    by_cat: dict[str, list[float]] = defaultdict(list)
+    for cat, v in values:
+        by_cat[cat].append(v)
+    means = [float(np.mean(v)) for v in by_cat.values()]
+    return float(np.mean(means)) if means else math.nan
+
+
+def summarise(records: list[dict], names: Sequence[str]) -> EvalResult:
+    """Category-averaged metrics per model; retention and bootstrap intervals of each model vs the first."""
+    aggregate: dict[str, dict[str, float]] = {}
+    for name in names:
+        keys = sorted({k for r in records for k in r["models"][name]["metrics"]})
+        aggregate[name] = {
+            k: _category_mean(
+                [(r["category"], r["models"][name]["metrics"][k]) for r in records if k in r["models"][name]["metrics"]]
+            )
+            for k in keys
+        }
+        # Cumulative accuracy curve (index i: % of pairs with error below i+1 degrees), averaged like the metrics,
+        # so its mean over thresholds is the reported AUC@30.
+        curves = [
+            (r["category"], 100 * np.cumsum(r["models"][name]["pose_err_hist"]) / r["models"][name]["pose_pairs"])
+            for r in records
+            if "pose_err_hist" in r["models"][name]
+        ]
+        if curves:
+            by_cat: dict[str, list[np.ndarray]] = defaultdict(list)
+            for cat, curve in curves:
+                by_cat[cat].append(curve)
+            aggregate[name]["pose_curve"] = np.mean([np.mean(c, axis=0) for c in by_cat.values()], axis=0).tolist()
+    comparison: dict[str, dict[str, dict[str, float]]] = {}
+    ref = names[0]
+    for name in names[1:]:
+        comparison[name] = {}
+        for k in MAIN_METRICS:
+            pairs = [
+                (r["models"][ref]["metrics"][k], r["models"][name]["metrics"][k])
+                for r in records
+                if k in r["models"][ref]["metrics"] and k in r["models"][name]["metrics"]
+            ]
+            pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+            if not pairs:
+                continue
+            a, b = np.array(pairs).T
+            entry = dict(paired_bootstrap(a, b)) if len(pairs) > 1 else {"mean_diff": float(b[0] - a[0])}
+            if k in HIGHER_IS_BETTER:
+                entry["retention"] = float(retention(aggregate[name].get(k, math.nan), aggregate[ref].get(k, math.nan)))
+            comparison[name][k] = entry
+    return EvalResult(list(names), aggregate, comparison, records)
+
+
+def format_table(result: EvalResult, metrics: Sequence[str] = MAIN_METRICS) -> str:
+    """Markdown table: one row per metric, a column per model, and retention / paired 95% interval columns."""
+    names = result.models
+    head = ["metric", *names] + [f"{n} vs {names[0]}" for n in names[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in metrics:
+        if not any(k in result.aggregate[n] for n in names):
+            continue
+        row = [k] + [f"{result.aggregate[n].get(k, math.nan):.4g}" for n in names]
+        for n in names[1:]:
+            c = result.comparison.get(n, {}).get(k)
+            if c is None:
+                row.append("")
+                continue
+            cell = f"{c['mean_diff']:+.3g}"
+            if "low" in c:
+                cell += f" [{c['low']:+.3g}, {c['high']:+.3g}]"
+            if "retention" in c:
+                cell += f" ({c['retention']:.1f}%)"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

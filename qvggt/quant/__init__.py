@@ -1,0 +1,13 @@
+"""Quantization core: number formats, quantize/dequantize primitives, observers and bit packing.
+
+Layers, bottom up (each imports only the ones above it in this list):
+
+- ``qvggt.quant.formats``: ``QuantFormat`` (int2..int8 symmetric/asymmetric, fp8 e4m3) x granularity
+  (tensor, channel, token, group), with ``parse_format("int4-sym-group128")``.
+- ``qvggt.quant.quantizer``: ``compute_scales``, ``quantize``, ``dequantize``, ``fake_quantize``,
+  ``fake_quantize_ste`` (learnable clipping), ``mse_clip_search`` and ``MinMaxObserver`` (static scales).
+- ``qvggt.quant.packing``: ``pack_int4``/``unpack_int4`` and general ``pack_bits``/``unpack_bits``.
+
+Everything is pure torch, runs on CPU and CUDA tensors alike, and initialises no CUDA at import.
+This package ``__init__`` imports nothing, so ``import qvggt.quant`` stays free.
+"""

@@ -1,0 +1,1 @@
+"""Training VGGT presets on synthetic scenes."""
