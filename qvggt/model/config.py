@@ -144,8 +144,8 @@ PRESETS: dict[str, VGGTConfig] = {
     ),
     "small": VGGTConfig(
         name="small",
-        img_size=168,
-        default_image_hw=(168, 168),
+        img_size=126,
+        default_image_hw=(126, 126),
         encoder_depth=4,
         encoder_num_heads=4,
         embed_dim=128,
