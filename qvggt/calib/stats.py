@@ -490,7 +490,8 @@ class StatsReport:
         }
         # Arrays first: stats.json acts as the manifest, so a run that dies in between leaves no valid pair.
         with atomic_open(path_dir / "stats.safetensors") as f:
-            f.write(st_save(arrays, metadata={"format": FORMAT, "version": str(FORMAT_VERSION)}))
+            # One metadata key: safetensors writes its metadata map in hash order, which varies between runs.
+            f.write(st_save(arrays, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"}))
         with atomic_open(path_dir / "stats.json", "w") as f:
             f.write(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         return path_dir
