@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/qvggt predict synthetic:0 --preset tiny --out runs/demo
+	$(BIN)/qvggt predict synthetic:200001 --frames 4 --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -43,7 +43,9 @@ def predict(
 
     try:
         p = load_config(params).predict
-        checkpoint = checkpoint or (Path(p.checkpoint) if p.checkpoint else None)
+        # params.yaml's model is the default only when the command names no model at all.
+        if checkpoint is None and preset is None and p.checkpoint:
+            checkpoint = Path(p.checkpoint)
         if checkpoint is None:
             typer.secho(
                 "note: no checkpoint given: using randomly initialised weights", fg=typer.colors.YELLOW, err=True

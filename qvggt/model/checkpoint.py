@@ -140,12 +140,14 @@ def load_vggt(
     preset: str | VGGTConfig | None = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    dtype: torch.dtype | None = torch.float32,
 ) -> VGGT:
     """Build a VGGT and load its weights.
 
     checkpoint: our safetensors (config read from it), or a released ``model.pt`` (preset defaults to vggt-1b).
     With no checkpoint, returns randomly initialised weights of ``preset``. ``strict=False`` tolerates missing and
-    unexpected tensors (missing ones keep their random initialisation), never mis-shaped ones.
+    unexpected tensors (missing ones keep their random initialisation), never mis-shaped ones. ``dtype`` casts the
+    floating weights (a checkpoint stored in fp16 runs in fp32 by default); None keeps the stored dtypes.
     """
     cfg: VGGTConfig | None = preset if isinstance(preset, VGGTConfig) else (get_preset(preset) if preset else None)
     if checkpoint is None:
@@ -155,6 +157,8 @@ def load_vggt(
     if cfg is None:
         cfg = stored or get_preset("vggt-1b")
     state_dict = read_state_dict(checkpoint)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     # Non-strict loads may leave tensors missing: those keep a real random initialisation, so build on CPU.
     model = load_weights(build_model(cfg, "meta" if strict else "cpu"), state_dict, str(checkpoint), strict)
     return model.to(device).eval()

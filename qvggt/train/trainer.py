@@ -173,7 +173,7 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.3f}", frames_per_s=f"{fps:.1f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "frames_per_s": fps}
-            row.update({k: float(losses[k]) for k in LOGGED if k in losses})
+            row.update({k: float(losses[k].detach()) for k in LOGGED if k in losses})
             rows.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)

@@ -87,3 +87,20 @@ def test_bad_input_fails_clearly(tmp_path: Path, setup: str, args: list[str], me
     assert res.exit_code != 0
     assert message.lower() in res.output.lower(), res.output
     assert not (out / "predictions.npz").exists()
+
+
+def test_params_yaml_model_is_the_default(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = build_model(get_preset("tiny")).eval()
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"predict:\n  checkpoint: {ckpt}\n  conf_percentile: 10\n")
+    res = _run("synthetic:7", "--frames", "2", "--out", str(tmp_path / "o"), "--params", str(params))
+    assert res.exit_code == 0, res.output
+    from qvggt.predict import load_inputs
+
+    inputs = load_inputs("synthetic:7", (126, 126), num_frames=2)
+    with torch.no_grad():
+        expected = model(inputs.images)["depth"][0].numpy()
+    with np.load(tmp_path / "o" / "predictions.npz") as npz:
+        assert np.allclose(npz["depth"], expected, rtol=1e-5, atol=1e-6)

@@ -40,8 +40,11 @@ def test_fp16_save_halves_the_file(tiny_model, tmp_path: Path) -> None:
     full = save_checkpoint(tiny_model, tmp_path / "f32.safetensors")
     half = save_checkpoint(tiny_model, tmp_path / "f16.safetensors", dtype=torch.float16)
     assert half.stat().st_size < 0.55 * full.stat().st_size
-    loaded = load_vggt(half)
-    assert next(loaded.parameters()).dtype == torch.float16
+    assert next(load_vggt(half, dtype=None).parameters()).dtype == torch.float16
+    loaded = load_vggt(half)  # runs in fp32 by default
+    assert next(loaded.parameters()).dtype == torch.float32
+    ref = {k: v.half().float() for k, v in tiny_model.state_dict().items()}
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
