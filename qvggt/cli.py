@@ -129,6 +129,39 @@ def eval_(
 
 
 @app.command()
+def quantize(
+    method: Annotated[str, typer.Option(help="rtn or smoothquant.")] = "rtn",
+    wbits: Annotated[int, typer.Option(help="Weight bits (2-8; 8 with --fp8).")] = 8,
+    abits: Annotated[int | None, typer.Option(help="Activation bits; leave out for weight-only.")] = 8,
+    group_size: Annotated[int | None, typer.Option(help="Per-group weight scales of this size.")] = None,
+    coverage: Annotated[str, typer.Option(help="default (aggregator-block linears) or full.")] = "default",
+    fp8: Annotated[bool, typer.Option(help="fp8 e4m3 W8A8 instead of int8.")] = False,
+    model: Annotated[Path, typer.Option(help="Checkpoint to quantize.")] = Path("models/small/model.safetensors"),
+    calib_scenes: Annotated[int, typer.Option(help="Calibration scenes (methods that calibrate).")] = 8,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/quantized"),
+    params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+) -> None:
+    """Quantize a model and write a packed checkpoint (model.safetensors + model.json manifest)."""
+    from qvggt.config import load_config
+    from qvggt.quant.command import run_quantize
+
+    try:
+        data = load_config(params).data
+        result = run_quantize(method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    s = result.summary
+    typer.echo("| layers | weight formats | float weight MB | quantized weight MB | compression |")
+    typer.echo("|---|---|---|---|---|")
+    formats = ", ".join(f"{k} x{v}" for k, v in s.weight_formats.items())
+    typer.echo(
+        f"| {s.num_layers} | {formats} | {s.weight_bytes_before / 1e6:.2f} | {s.weight_bytes_after / 1e6:.2f} "
+        f"| {s.compression:.2f}x |"
+    )
+    typer.echo(f"written: {result.path}")
+
+
+@app.command()
 def memory(
     frames: Annotated[list[int], typer.Option(help="Frame counts.")] = [8, 32, 100],  # noqa: B006
     height: int = 392,

@@ -16,7 +16,7 @@ DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    return subprocess.run([DVC, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([DVC, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="DVC needs the git checkout (CI runs in one)")

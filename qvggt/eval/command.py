@@ -16,14 +16,30 @@ PRESET_PREFIX = "preset:"
 
 
 def load_model_spec(spec: str, seed: int = 0) -> tuple[str, VGGT]:
-    """``preset:NAME`` -> randomly initialised (seeded) preset; otherwise a checkpoint path. Returns (name, model)."""
+    """``preset:NAME`` -> randomly initialised (seeded) preset; otherwise a checkpoint path (float, or a packed
+    quantized checkpoint from ``qvggt quantize``). Returns (name, model)."""
     if spec.startswith(PRESET_PREFIX):
         torch.manual_seed(seed)
         name = spec[len(PRESET_PREFIX) :]
         return f"{name}-untrained", load_vggt(preset=name)
     path = Path(spec)
-    model = load_vggt(path)
+    from qvggt.quant.export import MANIFEST_KEY, load_quantized
+
+    model = load_quantized(path) if _has_metadata(path, MANIFEST_KEY) else load_vggt(path)
     return path.parent.name + "/" + path.stem if path.parent.name else path.stem, model
+
+
+def _has_metadata(path: Path, key: str) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata holds ``key`` (a quantized checkpoint)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return key in (f.metadata() or {})
+    except Exception:  # noqa: BLE001  (SafetensorError and I/O errors alike: let load_vggt report them)
+        return False
 
 
 def build_dataset(spec: str, model: VGGT, frames: int, scenes: int, data: DataConfig) -> EvalDataset:

@@ -1,0 +1,79 @@
+"""``qvggt quantize``: quantize a VGGT checkpoint with a named method and write a packed checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qvggt.config import DataConfig
+from qvggt.io import sha256_file
+from qvggt.model import load_vggt
+from qvggt.quant.api import QuantSummary, needs_calibration, quantization_summary, quantize_
+from qvggt.quant.config import Coverage, QuantConfig, RTNConfig, weight_activation_formats
+from qvggt.quant.export import save_quantized
+
+METHODS = ("rtn", "smoothquant")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    summary: QuantSummary
+    num_calibration_samples: int
+
+
+def make_config(
+    method: str, wbits: int, abits: int | None, group_size: int | None, coverage: str, fp8: bool
+) -> QuantConfig:
+    """The method's config for W{wbits}A{abits}; ValueError for unknown methods or impossible formats."""
+    weight, act = weight_activation_formats(wbits, abits, group_size=group_size, fp8=fp8)
+    common = {"weight": weight, "activation": act, "coverage": Coverage(coverage)}
+    if method == "rtn":
+        return RTNConfig(**common)
+    if method == "smoothquant":
+        from qvggt.quant.smooth import SmoothQuantConfig
+
+        return SmoothQuantConfig(**common)
+    raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+
+
+def calibration_batches(
+    data: DataConfig, n: int, frames: int, hw: tuple[int, int]
+) -> tuple[list[torch.Tensor], list[str]]:
+    """``n`` seeded scenes of the calibration split (disjoint from evaluation by construction), one batch each."""
+    from qvggt.eval.datasets import SyntheticEvalDataset
+
+    ds = SyntheticEvalDataset.from_config(n, "calib", data=data, num_frames=frames, height=hw[0], width=hw[1])
+    samples = list(ds)
+    return [torch.from_numpy(s.images)[None] for s in samples], [s.sample_id for s in samples]
+
+
+def run_quantize(
+    method: str,
+    wbits: int,
+    abits: int | None,
+    out: str | Path,
+    checkpoint: str | Path,
+    group_size: int | None = None,
+    coverage: str = "default",
+    fp8: bool = False,
+    calib_scenes: int = 8,
+    calib_frames: int = 4,
+    data: DataConfig | None = None,
+) -> QuantizeResult:
+    """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON)."""
+    if coverage not in {c.value for c in Coverage}:
+        raise ValueError(f"unknown coverage {coverage!r}; use default or full")
+    config = make_config(method, wbits, abits, group_size, coverage, fp8)
+    model = load_vggt(checkpoint)
+    batches: list[torch.Tensor] = []
+    ids: list[str] = []
+    if needs_calibration(config):
+        batches, ids = calibration_batches(data or DataConfig(), calib_scenes, calib_frames, model.cfg.default_image_hw)
+    quantize_(model, config, calibration_data=batches or None)
+    path = save_quantized(
+        model, config, Path(out) / "model.safetensors", base_sha256=sha256_file(checkpoint), calibration_ids=ids
+    )
+    return QuantizeResult(path, quantization_summary(model), len(ids))

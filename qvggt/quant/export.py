@@ -1,0 +1,113 @@
+"""Packed quantized checkpoints: ``save_quantized`` / ``load_quantized``.
+
+A quantized model is stored as one safetensors file holding exactly its state_dict (int8 codes, int4 codes
+packed two per byte, fp8 codes, float32 scales and zero points, float biases, and the float weights of every
+layer left in full precision, with any smoothing already folded into them), plus a JSON manifest, also embedded
+in the file's metadata:
+
+    format/version, quantization config (``QuantConfig.to_dict``), base architecture (``VGGTConfig``),
+    base weights sha256, calibration sample ids and manifest hash, package version, weight-byte summary.
+
+Loading rebuilds the architecture on the meta device, swaps in the quantized modules the config names (the
+structure does not depend on calibration: folded transforms only change values), and assigns the stored tensors,
+so a quantized vggt-1b never materialises its float weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import qvggt
+from qvggt.io import atomic_path
+from qvggt.model import VGGT, VGGTConfig, build_model
+from qvggt.quant.api import quantization_summary, quantize_
+from qvggt.quant.config import QuantConfig, RTNConfig, config_from_dict
+
+FORMAT = "qvggt-quantized"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "qvggt_manifest"
+
+
+def save_quantized(
+    model: VGGT,
+    config: QuantConfig,
+    path: str | Path,
+    base_sha256: str | None = None,
+    calibration_ids: Sequence[str] = (),
+    calibration_manifest_sha256: str | None = None,
+) -> Path:
+    """Write ``model`` (already quantized with ``config``) to ``path`` (.safetensors) and ``path.with_suffix('.json')``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save quantized models to a .safetensors path, got {path}")
+    summary = quantization_summary(model)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "method": type(config).__name__,
+        "quant_config": config.to_dict(),
+        "model_config": model.cfg.model_dump(mode="json"),
+        "base_sha256": base_sha256,
+        "calibration": {"sample_ids": list(calibration_ids), "manifest_sha256": calibration_manifest_sha256},
+        "qvggt_version": qvggt.__version__,
+        "summary": {**asdict(summary), "compression": summary.compression},
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: text})
+    with atomic_path(path.with_suffix(".json")) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest embedded in a quantized checkpoint; ValueError if the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # truncated or not safetensors
+        raise ValueError(f"could not read {path}: {exc}") from exc
+    if MANIFEST_KEY not in meta:
+        raise ValueError(f"{path} is not a qvggt quantized checkpoint (no manifest): use qvggt.model.load_vggt")
+    manifest = json.loads(meta[MANIFEST_KEY])
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {manifest.get('format')} v{manifest.get('version')}")
+    return manifest
+
+
+def structure_config(config: QuantConfig) -> RTNConfig:
+    """An RTN config with the same formats, coverage and overrides: it yields the same module structure."""
+    return RTNConfig(
+        weight=config.weight,
+        activation=config.activation,
+        coverage=config.coverage,
+        layer_overrides=dict(config.layer_overrides),
+    )
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT:
+    """Rebuild a quantized model from ``save_quantized``'s file; it runs the torch reference path on any device."""
+    manifest = read_manifest(path)
+    cfg = VGGTConfig.model_validate(manifest["model_config"])
+    config = config_from_dict(manifest["quant_config"])
+    model = build_model(cfg, "meta")
+    quantize_(model, structure_config(config))
+    state = load_file(str(path))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its manifest: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, assign=True)
+    model.qvggt_manifest = manifest
+    return model.to(device).eval()

@@ -1,0 +1,81 @@
+"""Packed quantized checkpoints: round trip, manifest, the quantize CLI and evaluation of its output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qvggt.cli import app
+from qvggt.io import sha256_file
+from qvggt.model import build_model, get_preset, save_checkpoint
+from qvggt.quant.api import quantize_
+from qvggt.quant.config import RTNConfig, weight_activation_formats
+from qvggt.quant.export import load_quantized, read_manifest, save_quantized
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(build_model(get_preset("tiny")), tmp_path / "base" / "tiny.safetensors")
+
+
+def test_round_trip_matches_the_fake_quantized_model(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from qvggt.model import load_vggt
+
+    model = load_vggt(tiny_ckpt)
+    w, a = weight_activation_formats(4, 8, group_size=32)
+    config = RTNConfig(weight=w, activation=a)
+    quantize_(model, config)
+    path = save_quantized(model, config, tmp_path / "q" / "model.safetensors", base_sha256=sha256_file(tiny_ckpt))
+    loaded = load_quantized(path)
+    images = torch.rand(1, 2, 3, 42, 42, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(images), loaded(images)
+    for key in ("pose_enc", "depth", "world_points"):
+        assert torch.equal(ref[key], out[key]), key
+    manifest = read_manifest(path)
+    assert manifest["method"] == "RTNConfig" and manifest["base_sha256"] == sha256_file(tiny_ckpt)
+    assert json.loads((tmp_path / "q" / "model.json").read_text()) == manifest
+    # int4 codes are packed: the file is smaller than the fp32 checkpoint.
+    assert path.stat().st_size < tiny_ckpt.stat().st_size
+
+
+def test_quantize_cli_then_eval_compares_it(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", "--model", str(tiny_ckpt), "--wbits", "8", "--abits", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "int8-sym-channel" in res.output
+    ev = tmp_path / "eval"
+    args = ["eval", "--model", str(tiny_ckpt), "--compare", str(out / "model.safetensors"), "--scenes", "1"]
+    res = runner.invoke(app, [*args, "--frames", "2", "--out", str(ev)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((ev / "metrics.json").read_text())
+    quant = metrics["aggregate"][metrics["models"][1]]
+    assert 0 < quant["fid_rel_l2_depth"] < 0.05  # W8A8 stays close to its float model
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "awq"], "unknown method"),
+        (["--fp8", "--wbits", "4"], "fp8"),
+        (["--coverage", "most"], "coverage"),
+        (["--group-size", "48", "--wbits", "4"], "not divisible by 48"),
+    ],
+)
+def test_quantize_cli_errors(tiny_ckpt: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, ["quantize", "--model", str(tiny_ckpt), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 1
+    assert message in res.output, res.output
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_float_checkpoint_is_not_a_quantized_one(tiny_ckpt: Path) -> None:
+    with pytest.raises(ValueError, match="not a qvggt quantized checkpoint"):
+        read_manifest(tiny_ckpt)
