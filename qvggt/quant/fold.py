@@ -198,11 +198,11 @@ def smooth_into_qkv_v_(attn: Attention, s: Tensor) -> None:
     c = proj.in_features
     qkv = _check_linear(attn.qkv, in_features=None, out_features=3 * c)
     s64 = _check_scale(s, c, "smooth_into_qkv_v_").to(qkv.weight.device)
-    w = qkv.weight.to(torch.float64)
+    w = qkv.weight.to(torch.float64, copy=True)
     w[2 * c :] /= s64[:, None]
     _assign(qkv.weight, w)
     if qkv.bias is not None:
-        b = qkv.bias.to(torch.float64)
+        b = qkv.bias.to(torch.float64, copy=True)
         b[2 * c :] /= s64
         _assign(qkv.bias, b)
     _assign(proj.weight, proj.weight.to(torch.float64) * s64.to(proj.weight.device))
