@@ -157,3 +157,9 @@ def plan_layers(
         shown = "; ".join(bad[:8]) + (f"; ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
         raise ValueError(f"group size does not divide the layer width for {len(bad)} layer(s): {shown}")
     return plans
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

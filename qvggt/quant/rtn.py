@@ -26,7 +26,7 @@ from torch import nn
 
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
 from qvggt.quant.config import QuantConfig, RTNConfig
-from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers
+from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
 from qvggt.quant.linear import QuantConv2d, QuantLinear
 from qvggt.quant.quantizer import mse_clip_search
 
@@ -51,11 +51,6 @@ def quantize_module(plan: LayerPlan, clip_search: bool = False) -> nn.Module:
     return QuantLinear.from_float(module, fmt, plan.activation, clip_ratio=ratio)  # type: ignore[arg-type]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 @register_quantize_handler(RTNConfig)
 class RTNHandler(QuantizeHandler):
     """Data-free: ``prepare`` does nothing, ``convert`` swaps the planned modules."""
@@ -68,5 +63,5 @@ class RTNHandler(QuantizeHandler):
         assert isinstance(config, RTNConfig)
         plans = plan_layers(model, config.coverage, config.weight, config.activation, config.layer_overrides, filter_fn)
         for name, plan in plans.items():
-            _replace(model, name, quantize_module(plan, config.clip_search))
+            replace_module(model, name, quantize_module(plan, config.clip_search))
         return model

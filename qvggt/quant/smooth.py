@@ -64,7 +64,7 @@ from qvggt.quant.config import (
     _enum,
     coerce_format,
 )
-from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers
+from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
 from qvggt.quant.fold import smooth_into_layernorm_, smooth_into_qkv_v_
 from qvggt.quant.formats import QuantFormat
 from qvggt.quant.rtn import quantize_module
@@ -393,11 +393,6 @@ class _SmoothState:
     recorder: ChannelAbsMax
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 @register_quantize_handler(SmoothQuantConfig)
 class SmoothQuantHandler(QuantizeHandler):
     """prepare: plan + absmax hooks; convert: fold scales, then RTN; release: remove hooks."""
@@ -423,7 +418,7 @@ class SmoothQuantHandler(QuantizeHandler):
         state.recorder.remove()  # the statistics are final; folding must not feed them
         apply_smoothing_(state.targets, state.recorder.absmax, config.alpha)
         for name, plan in state.plans.items():  # plan.module is the (now smoothed) float Linear
-            _replace(model, name, quantize_module(plan, config.clip_search))
+            replace_module(model, name, quantize_module(plan, config.clip_search))
         return model
 
     def release(self, model: nn.Module, state: Any) -> None:
