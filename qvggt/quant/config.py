@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-from qvggt.quant.formats import FormatKind, Granularity, QuantFormat, parse_format
+from qvggt.quant.formats import FormatKind, Granularity, QuantFormat, coerce_enum, parse_format
 
 __all__ = [
     "ACTIVATION_GRANULARITIES",
@@ -79,16 +79,6 @@ class Coverage(str, Enum):
 
     DEFAULT = "default"
     FULL = "full"
-
-
-def _enum(enum_cls: type[Enum], value: Any, where: str) -> Any:
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        options = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"{where}={value!r} is not one of {options}") from None
 
 
 def coerce_format(value: Any, where: str) -> QuantFormat:
@@ -258,7 +248,7 @@ class RTNConfig(QuantConfig):
             act = coerce_format(self.activation, "RTNConfig.activation")
             _check_granularity(act, ACTIVATION_GRANULARITIES, "RTNConfig.activation")
             object.__setattr__(self, "activation", act)
-        object.__setattr__(self, "coverage", _enum(Coverage, self.coverage, "RTNConfig.coverage"))
+        object.__setattr__(self, "coverage", coerce_enum(Coverage, self.coverage, "RTNConfig.coverage"))
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"RTNConfig.clip_search must be a bool, got {self.clip_search!r}")  # noqa: TRY004
         if not isinstance(self.layer_overrides, dict):

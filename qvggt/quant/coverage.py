@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qvggt.quant.config import Coverage, _enum
-from qvggt.quant.formats import Granularity, QuantFormat
+from qvggt.quant.config import Coverage
+from qvggt.quant.formats import Granularity, QuantFormat, coerce_enum
 
 __all__ = ["QUANTIZABLE_TYPES", "FilterFn", "LayerPlan", "plan_layers", "select_linears"]
 
@@ -51,7 +51,7 @@ def select_linears(model: nn.Module, coverage: Coverage | str = Coverage.DEFAULT
     Returns:
         ``{name: module}``: nn.Linear only for default; nn.Linear, nn.Conv2d and nn.ConvTranspose2d for full.
     """
-    coverage = _enum(Coverage, coverage, "coverage")
+    coverage = coerce_enum(Coverage, coverage, "coverage")
     if coverage is Coverage.DEFAULT:
         return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and _DEFAULT_RE.match(n)}
     # Exact types: a subclass may change forward (and QuantLinear is deliberately not a Linear subclass).
@@ -126,7 +126,7 @@ def plan_layers(
         example = next(iter(selected), "<none>")
         raise ValueError(
             f"layer_overrides key(s) {unmatched} match no layer selected for quantization (coverage "
-            f"{_enum(Coverage, coverage, 'coverage').value!r}{' and filter_fn' if filter_fn else ''}: "
+            f"{coerce_enum(Coverage, coverage, 'coverage').value!r}{' and filter_fn' if filter_fn else ''}: "
             f"{len(selected)} layers, e.g. {example!r}); use module names or fnmatch patterns of those layers"
         )
     if not selected:

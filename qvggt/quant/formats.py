@@ -48,14 +48,15 @@ class Granularity(str, Enum):
     GROUP = "group"
 
 
-def _coerce_enum(enum_cls: type[Enum], value: Any, field: str) -> Any:
+def coerce_enum(enum_cls: type[Enum], value: Any, where: str) -> Any:
+    """``enum_cls(value)``, or a ValueError naming ``where`` and the valid options."""
     if isinstance(value, enum_cls):
         return value
     try:
         return enum_cls(value)
     except ValueError:
         options = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"QuantFormat.{field}={value!r} is not one of {options}") from None
+        raise ValueError(f"{where}={value!r} is not one of {options}") from None
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class QuantFormat:
 
     def __post_init__(self) -> None:
         # frozen dataclass: coerce strings to enums via object.__setattr__ so "int" == FormatKind.INT everywhere.
-        object.__setattr__(self, "kind", _coerce_enum(FormatKind, self.kind, "kind"))
-        object.__setattr__(self, "granularity", _coerce_enum(Granularity, self.granularity, "granularity"))
+        object.__setattr__(self, "kind", coerce_enum(FormatKind, self.kind, "QuantFormat.kind"))
+        object.__setattr__(self, "granularity", coerce_enum(Granularity, self.granularity, "QuantFormat.granularity"))
         # Every invalid field raises ValueError, wrong types included (as pydantic's ValidationError does), so
         # callers loading params.yaml catch one exception type. bool is an int subclass: True is no bit width.
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):

@@ -61,12 +61,11 @@ from qvggt.quant.config import (
     QuantConfig,
     RTNConfig,
     _check_granularity,
-    _enum,
     coerce_format,
 )
 from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
 from qvggt.quant.fold import smooth_into_layernorm_, smooth_into_qkv_v_
-from qvggt.quant.formats import QuantFormat
+from qvggt.quant.formats import QuantFormat, coerce_enum
 from qvggt.quant.rtn import quantize_module
 
 __all__ = [
@@ -116,7 +115,7 @@ def _smooth_layers(value: Any) -> tuple[SmoothLayer, ...]:
                 f"{where}: 'fc2' cannot be smoothed by folding: its input is GELU(fc1 x) and GELU does not commute "
                 "with a per-channel scale, so no preceding op can absorb it"
             )
-        kind = _enum(SmoothLayer, v, where)
+        kind = coerce_enum(SmoothLayer, v, where)
         if kind in kinds:
             raise ValueError(f"{where} lists {kind.value!r} twice")
         kinds.add(kind)
@@ -171,7 +170,7 @@ class SmoothQuantConfig(QuantConfig):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{name}.alpha={alpha} is outside [0, 1]")
         object.__setattr__(self, "alpha", float(alpha))
-        object.__setattr__(self, "coverage", _enum(Coverage, self.coverage, f"{name}.coverage"))
+        object.__setattr__(self, "coverage", coerce_enum(Coverage, self.coverage, f"{name}.coverage"))
         object.__setattr__(self, "smooth_layers", _smooth_layers(self.smooth_layers))
         if not isinstance(self.clip_search, bool):
             raise ValueError(f"{name}.clip_search must be a bool, got {self.clip_search!r}")  # noqa: TRY004
@@ -324,7 +323,7 @@ def find_smooth_targets(
         ValueError: a target whose fold partner cannot take the scale (a LayerNorm without affine weight, or an
             already-quantized qkv in front of a proj).
     """
-    kinds = {_enum(SmoothLayer, k, "layers") for k in layers}
+    kinds = {coerce_enum(SmoothLayer, k, "layers") for k in layers}
     targets: dict[str, SmoothTarget] = {}
     bad: list[str] = []
     for name in names:

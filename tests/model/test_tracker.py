@@ -53,7 +53,7 @@ def _published_tracker_shapes() -> list[tuple[str, tuple[int, ...]]]:
                     dims = shape.strip().strip("[]")
                     rows.append((name[len(PREFIX) :], tuple(int(d) for d in dims.split(",")) if dims else ()))
             return rows
-    pytest.skip("vggt_1b_state_dict.txt listing not found")
+    raise FileNotFoundError("vggt_1b_state_dict.txt listing not found (it ships in tests/data_files)")
 
 
 def _inputs(B: int, S: int, N: int, C: int, HH: int, WW: int, stride: int = 2, seed: int = 0):
