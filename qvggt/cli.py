@@ -190,5 +190,35 @@ def memory(
             )
 
 
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench_models.jsonl.")] = Path(
+        "runs/bench"
+    ),
+    frames: Annotated[str, typer.Option(help="Comma-separated frame counts.")] = "1,8,32,100",
+    configs: Annotated[str, typer.Option(help="Comma-separated configs, or 'all'.")] = "all",
+    height: int = 392,
+    width: int = 518,
+    preset: Annotated[str | None, typer.Option(help="Model preset (default vggt-1b on a GPU, tiny on CPU).")] = None,
+    kernels: Annotated[bool, typer.Option(help="Run the per-kernel section (GPU only).")] = True,
+    seed: int = 0,
+) -> None:
+    """Benchmark the published path, the bf16 fused engine and each quantized config (latency, memory, fidelity)."""
+    import sys
+
+    from qvggt.bench.configs import parse_configs
+    from qvggt.bench.run import run_bench
+
+    try:
+        frame_list = [int(f) for f in frames.split(",") if f.strip()]
+        doc = run_bench(
+            out, parse_configs(configs), frame_list, height, width, preset, kernels, seed=seed,
+            command="qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({'GPU' if doc['gpu'] else 'CPU reference'})")
+
+
 if __name__ == "__main__":
     app()

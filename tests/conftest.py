@@ -10,6 +10,17 @@ import torch
 DATA = Path(__file__).parent / "data_files"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect ``cuda`` tests on machines without a GPU: reported as deselected, never as passed or skipped."""
+    if torch.cuda.is_available():
+        return
+    keep = [item for item in items if item.get_closest_marker("cuda") is None]
+    dropped = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import sys
 CODE = """
 import json, sys
 import qvggt, qvggt.model, qvggt.geometry.pose_encoding, qvggt.model.memory, qvggt.model.init
+import qvggt.engine, qvggt.kernels.gemm, qvggt.bench.run, qvggt.bench.model_bench
 import torch
 heavy = [m for m in ("prefect", "mlflow", "dvc", "boto3", "sklearn", "matplotlib") if m in sys.modules]
 print(json.dumps({"heavy": heavy, "cuda_initialized": torch.cuda.is_initialized()}))

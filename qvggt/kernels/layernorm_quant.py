@@ -15,14 +15,8 @@ Bit-exactness with the twin (given the same normalized row; LayerNorm itself dif
 few ulps because the reductions sum in a different order):
     * scale and ``x_norm / scale`` use IEEE round-to-nearest division (``tl.math.div_rn``), as torch does;
       Triton's plain ``/`` on GPU is an approximate division.
-    * int8 rounds half to even like ``torch.round`` with the fp32 "magic number" trick
-      ``(y + 1.5 * 2^23) - 1.5 * 2^23``, exact for |y| < 2^22 (here |y| <= 127 after the clamp): the addition
-      leaves no fraction bits, so the fp32 adder's own round-to-nearest-even does the rounding. libdevice ``rint``
-      would do the same on GPU but does not exist in the interpreter.
-    * fp8 rounds to the e4m3 grid in fp32 with the same trick at the value's e4m3 ulp
-      (``2^(max(exponent, -6) - 3)``), so the final ``.to(tl.float8e4nv)`` only converts exactly representable
-      values. That makes GPU and interpreter agree (the interpreter's fp8 cast rounds half away from zero, not to
-      even) and matches torch's round-to-nearest-even ``float8_e4m3fn`` cast.
+    * int8 and fp8 codes are rounded by ``qvggt.kernels.rounding`` (ties to even, as torch), so GPU, interpreter
+      and twin agree.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qvggt.kernels import has_triton
+from qvggt.kernels import check_fallback_allowed, has_triton
 from qvggt.kernels.reference import TokenQuantFormat, layernorm_quant_ref, token_format, token_quant_ref
 
 __all__ = ["FALLBACK_CALLS", "KERNEL_CALLS", "MAX_K", "kernel_is_interpreted", "layernorm_quant", "token_quant"]
@@ -49,6 +43,8 @@ _TINY = torch.finfo(torch.float32).tiny
 if has_triton():
     import triton
     import triton.language as tl
+
+    from qvggt.kernels.rounding import round_to_fp8_grid, round_to_int_grid
 
     @triton.jit
     def _layernorm_quant_kernel(
@@ -96,19 +92,9 @@ if has_triton():
         v = tl.math.div_rn(y, scale)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)  # saturate first; rounding commutes with integer/448 bounds
         if IS_FP8:
-            # Round |v| to the e4m3 grid: ulp = 2^(max(e, -6) - 3) (-6: smallest normal exponent, below it the
-            # subnormal ulp 2^-9); adding c = 1.5 * 2^23 * ulp leaves no bits below ulp, the fp32 add rounds to even.
-            a = tl.abs(v)
-            e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-            e = tl.maximum(e, -6)
-            c = ((e - 3 + 23 + 127) << 23) | 0x400000
-            c = c.to(tl.float32, bitcast=True)
-            r = (a + c) - c
-            r = tl.where(v < 0, -r, r)
-            tl.store(q_ptr + row * stride_qm + offs, r.to(tl.float8e4nv), mask=mask)
+            tl.store(q_ptr + row * stride_qm + offs, round_to_fp8_grid(v).to(tl.float8e4nv), mask=mask)
         else:
-            r = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: round half to even, exact for |v| < 2^22
-            tl.store(q_ptr + row * stride_qm + offs, r.to(tl.int8), mask=mask)
+            tl.store(q_ptr + row * stride_qm + offs, round_to_int_grid(v).to(tl.int8), mask=mask)
         tl.store(scale_ptr + row, scale)
 
 
@@ -213,6 +199,7 @@ def layernorm_quant(
     """
     k = _check_inputs(x, weight, bias, fmt)
     if not _use_kernel(x, k):
+        check_fallback_allowed("layernorm_quant", x)
         FALLBACK_CALLS["layernorm_quant"] += 1
         return layernorm_quant_ref(x, weight, bias, eps, fmt)
     KERNEL_CALLS["layernorm_quant"] += 1
@@ -227,6 +214,7 @@ def token_quant(x: Tensor, fmt: TokenQuantFormat = "int8") -> tuple[Tensor, Tens
     """
     k = _check_inputs(x, None, None, fmt)
     if not _use_kernel(x, k):
+        check_fallback_allowed("token_quant", x)
         FALLBACK_CALLS["token_quant"] += 1
         return token_quant_ref(x, fmt)
     KERNEL_CALLS["token_quant"] += 1

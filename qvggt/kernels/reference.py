@@ -13,23 +13,34 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from qvggt.quant.formats import QuantFormat
 from qvggt.quant.quantizer import compute_scales, quantize
 
-__all__ = ["TokenQuantFormat", "dequant_ref", "layernorm_quant_ref", "token_format", "token_quant_ref"]
+__all__ = [
+    "TokenQuantFormat",
+    "dequant_ref",
+    "layernorm_quant_ref",
+    "scaled_gemm_ref",
+    "token_format",
+    "token_quant_ref",
+]
 
-TokenQuantFormat = Literal["int8", "fp8_e4m3"]
-_KINDS = {"int8": "int", "fp8_e4m3": "fp8_e4m3"}
+TokenQuantFormat = Literal["int8", "fp8_e4m3", "int4"]
+# name -> (kind, bits). "int4" codes live in int8 storage ([-7, 7]): Hopper has no int4 tensor cores, so W4A4
+# activations are quantized to the 4-bit grid and multiplied on the int8 units.
+_KINDS = {"int8": ("int", 8), "fp8_e4m3": ("fp8_e4m3", 8), "int4": ("int", 4)}
 
 
 def token_format(fmt: str) -> QuantFormat:
-    """The per-token symmetric 8-bit ``QuantFormat`` named by ``fmt`` ("int8" or "fp8_e4m3")."""
+    """The per-token symmetric ``QuantFormat`` named by ``fmt`` ("int8", "fp8_e4m3" or "int4")."""
     if fmt not in _KINDS:
         raise ValueError(f"fmt={fmt!r} is not supported: expected one of {sorted(_KINDS)}")
-    return QuantFormat(kind=_KINDS[fmt], bits=8, symmetric=True, granularity="token")
+    kind, bits = _KINDS[fmt]
+    return QuantFormat(kind=kind, bits=bits, symmetric=True, granularity="token")
 
 
 def token_quant_ref(x: Tensor, fmt: TokenQuantFormat) -> tuple[Tensor, Tensor]:
@@ -74,3 +85,59 @@ def layernorm_quant_ref(
 def dequant_ref(q: Tensor, scale: Tensor) -> Tensor:
     """``q * scale`` in float32: q [M, K] (int8 or float8_e4m3fn), scale [M, 1] -> [M, K] float32."""
     return q.float() * scale
+
+
+def _dequant_groups(codes: Tensor, scale: Tensor | None, block_k: int) -> Tensor:
+    """codes [R, K] (any dtype) times scale [R, 1] or [R, K / block_k] -> float32 [R, K]."""
+    x = codes.float()
+    if scale is None:
+        return x
+    if scale.shape[1] == 1:
+        return x * scale
+    return (x.view(x.shape[0], scale.shape[1], block_k) * scale[:, :, None]).reshape(x.shape)
+
+
+def scaled_gemm_ref(
+    a: Tensor,
+    w: Tensor,
+    *,
+    a_scale: Tensor | None = None,
+    w_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    gelu: bool = False,
+    gamma: Tensor | None = None,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out_quant: TokenQuantFormat | None = None,
+    w_int4_k: int | None = None,
+    block_k: int = 128,
+    block_n: int = 128,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Twin of ``qvggt.kernels.gemm.scaled_gemm`` (same arguments; ``block_k`` / ``block_n`` are the kernel's
+    K-group and output-tile widths): dequantize both operands in float32, multiply, apply the epilogue in float32.
+
+    With ``out_quant`` the output is quantized per row and per ``block_n`` columns, as the kernel does.
+    """
+    from qvggt.kernels.gemm import unpack_int4_blocked  # the packing helpers need no triton
+
+    k = a.shape[1]
+    if w_int4_k is not None:
+        w = unpack_int4_blocked(w, w_int4_k, block_k)
+    a32 = _dequant_groups(a, a_scale, block_k)
+    w32 = _dequant_groups(w, w_scale, block_k)
+    y = a32 @ w32[:, :k].T
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y)
+    if gamma is not None:
+        y = y * gamma.float()
+    if residual is not None:
+        y = y + residual.float()
+    if out_quant is None:
+        return y.to(out_dtype)
+    m, n = y.shape
+    tiles = -(-n // block_n)
+    padded = F.pad(y, (0, tiles * block_n - n)).view(m * tiles, block_n)
+    q, scale = token_quant_ref(padded, out_quant)
+    return q.view(m, tiles * block_n)[:, :n].contiguous(), scale.view(m, tiles)

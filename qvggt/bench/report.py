@@ -1,0 +1,94 @@
+"""Markdown tables of a ``qvggt bench`` JSON document (pure formatting, no measurement)."""
+
+from __future__ import annotations
+
+__all__ = ["render_markdown"]
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _model_table(doc: dict) -> list[str]:
+    models = doc.get("models") or []
+    if not models:
+        return []
+    base = {(r["frames"]): r for r in models if r["config"] == "published" and r.get("median_ms")}
+    lines = [
+        (
+            "| config | frames | median ms | frames/s | speedup vs published | peak GB | peak vs published | weights GB "
+            "| rel L2 depth | rel L2 points | rel L2 pose |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in models:
+        if r.get("error"):
+            lines.append(f"| {r['config']} | {r['frames']} | failed: {r['error'][:80]} | | | | | | | | |")
+            continue
+        b = base.get(r["frames"])
+        speed = b["median_ms"] / r["median_ms"] if b else None
+        mem = r["peak_gb"] / b["peak_gb"] if b and b.get("peak_gb") and r.get("peak_gb") else None
+        fid = r.get("fidelity") or {}
+        lines.append(
+            f"| {r['config']} | {r['frames']} | {_f(r['median_ms'])} | {_f(r['frames_per_s'])} | "
+            f"{_f(speed, '.2f')}x | {_f(r.get('peak_gb'), '.2f')} | {_f(mem, '.2f')} | {_f(r.get('weight_gb'), '.2f')} "
+            f"| {_f(fid.get('rel_l2_depth'), '.2e')} | {_f(fid.get('rel_l2_world_points'), '.2e')} "
+            f"| {_f(fid.get('rel_l2_pose_enc'), '.2e')} |"
+        )
+    return lines
+
+
+def _gemm_table(doc: dict) -> list[str]:
+    rows = doc.get("gemm") or []
+    if not rows:
+        return []
+    peak = (doc.get("ceilings") or {}).get("bf16_tflops")
+    lines = [
+        "| shape (M x K -> N) | variant | ms | TFLOP/s | % of measured bf16 peak | speedup vs torch bf16+epilogue |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        shape = f"{r['shape']} {r['M']}x{r['K']}->{r['N']}"
+        if r.get("error"):
+            lines.append(f"| {shape} | {r['variant']} | failed: {r['error'][:80]} | | | |")
+            continue
+        pct = 100 * r["tflops"] / peak if peak else None
+        lines.append(
+            f"| {shape} | {r['variant']} | {r['ms']:.3f} | {r['tflops']:.0f} | {_f(pct, '.0f')} "
+            f"| {_f(r.get('speedup_vs_torch_bf16'), '.2f')} |"
+        )
+    return lines
+
+
+def render_markdown(doc: dict) -> str:
+    """The benchmark document as markdown: environment, ceilings, kernel tables, model table."""
+    env = doc.get("env", {})
+    out = [
+        f"# qvggt bench: {doc.get('preset')} at {doc.get('height')}x{doc.get('width')}",
+        "",
+        (
+            f"- date: {doc.get('date')}; device: {env.get('gpu', env.get('device'))}; torch {env.get('torch')}; "
+            f"triton {env.get('triton', '-')}"
+        ),
+        f"- command: `{doc.get('command', '')}`",
+    ]
+    if doc.get("notice"):
+        out.append(f"- **{doc['notice']}**")
+    if doc.get("ceilings"):
+        c = doc["ceilings"]
+        out.append(f"- measured ceilings: bf16 matmul {c['bf16_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
+    for title, lines in (("Models", _model_table(doc)), ("GEMMs", _gemm_table(doc))):
+        if lines:
+            out += ["", f"## {title}", "", *lines]
+    if doc.get("layernorm"):
+        bw = (doc.get("ceilings") or {}).get("copy_gbps")
+        out += ["", "## LayerNorm -> quantization", "", "| kernel | M x K | ms | GB/s | % of copy bandwidth |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for r in doc["layernorm"]:
+            pct = 100 * r["gbps"] / bw if bw else None
+            out.append(f"| {r['kernel']} | {r['M']}x{r['K']} | {r['ms']:.3f} | {r['gbps']:.0f} | {_f(pct, '.0f')} |")
+    if doc.get("attention"):
+        out += ["", "## Attention", "", "```", *[str(r) for r in doc["attention"]], "```"]
+    if doc.get("attention_error"):
+        out += ["", f"Attention kernel section not run: {doc['attention_error']}"]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,162 @@
+"""``FusedBlock``: a VGGT/DINOv2 transformer block run on the engine's kernels.
+
+Per block, with a bf16 residual stream ``x`` [T, C] (T = tokens of all sequences):
+
+    h      = LN1(x)                         fused LayerNorm -> per-token quantization when qkv is quantized
+    qkv    = GEMM(h, W_qkv) + b             bf16 out
+    o      = attention(qk_norm + RoPE(q, k), v)   SDPA (bf16) or the fp8 flash-attention kernel
+    x      = x + ls1 * (GEMM(o, W_proj) + b)      residual add and LayerScale in the GEMM epilogue
+    h      = LN2(x)                         fused LayerNorm -> quantization when fc1 is quantized
+    f      = GELU(GEMM(h, W_fc1) + b)       quantized per (token, 128 columns) in the epilogue when fc2 is
+    x      = x + ls2 * (GEMM(f, W_fc2) + b)
+
+The same module runs float layers (bf16 GEMMs with the same epilogues: the "bf16 fused" path, which separates the
+gain of fusion from the gain of quantization) and quantized ones. fc2's input is quantized per 1 x 128 tile, not
+per token: a per-token scale needs the whole 4096-wide row, which one GEMM output tile does not hold, and a
+separate quantization pass costs more than the 8-bit GEMM saves (HOPPER_MEASUREMENTS.md). The finer scales are
+at least as accurate as the checkpoint's per-token format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qvggt.engine.operands import GemmOperand, prepare_linear
+from qvggt.kernels.gemm import scaled_gemm
+from qvggt.kernels.layernorm_quant import layernorm_quant, token_quant
+from qvggt.model.layers import Block, LayerScale
+from qvggt.model.rope import TokenPositions
+
+__all__ = ["FusedBlock"]
+
+_A_DTYPE = {"int8": torch.int8, "int4": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def _gamma(ls: nn.Module) -> Tensor | None:
+    return ls.gamma.detach().to(torch.bfloat16) if isinstance(ls, LayerScale) else None
+
+
+def _norm_params(norm: nn.LayerNorm) -> tuple[Tensor | None, Tensor | None, float]:
+    w = None if norm.weight is None else norm.weight.detach().float()
+    b = None if norm.bias is None else norm.bias.detach().float()
+    return w, b, float(norm.eps)
+
+
+class FusedBlock(nn.Module):
+    """Drop-in replacement for ``qvggt.model.layers.Block`` (same ``forward(x, pos)``), built from one.
+
+    Args:
+        block: the source block; its Linears may be ``nn.Linear`` or ``QuantLinear`` (any mix).
+        name: the block's module name, for error messages.
+        attention: "sdpa" (bf16 flash/cuDNN through PyTorch) or "fp8" (``qvggt.kernels.attention``).
+    """
+
+    def __init__(self, block: Block, name: str = "block", attention: str = "sdpa") -> None:
+        super().__init__()
+        if attention not in ("sdpa", "fp8"):
+            raise ValueError(f"attention must be 'sdpa' or 'fp8', got {attention!r}")
+        attn = block.attn
+        self.name, self.attention = name, attention
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.qkv = prepare_linear(attn.qkv, f"{name}.attn.qkv")
+        self.proj = prepare_linear(attn.proj, f"{name}.attn.proj")
+        self.fc1 = prepare_linear(block.mlp.fc1, f"{name}.mlp.fc1")
+        self.fc2 = prepare_linear(block.mlp.fc2, f"{name}.mlp.fc2")
+        self.norm1, self.norm2 = _norm_params(block.norm1), _norm_params(block.norm2)
+        self.q_norm = attn.q_norm if isinstance(attn.q_norm, nn.LayerNorm) else None
+        self.k_norm = attn.k_norm if isinstance(attn.k_norm, nn.LayerNorm) else None
+        if self.q_norm is not None:
+            self.q_norm = self.q_norm.to(torch.bfloat16)
+            self.k_norm = self.k_norm.to(torch.bfloat16)
+        self.rope = attn.rope
+        self.gamma1, self.gamma2 = _gamma(block.ls1), _gamma(block.ls2)
+
+    # ------------------------------------------------------------------ device movement
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Move the prepared operands with the module (``.to``/``.cuda``); dtypes never change."""
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0))
+        device = probe.device
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        for attr in ("qkv", "proj", "fc1", "fc2"):
+            setattr(self, attr, getattr(self, attr).to(device))
+        self.norm1 = (move(self.norm1[0]), move(self.norm1[1]), self.norm1[2])
+        self.norm2 = (move(self.norm2[0]), move(self.norm2[1]), self.norm2[2])
+        self.gamma1, self.gamma2 = move(self.gamma1), move(self.gamma2)
+        return self
+
+    def operand_nbytes(self) -> int:
+        """Device bytes of the four GEMM operands (weights, scales, biases)."""
+        return sum(op.nbytes() for op in (self.qkv, self.proj, self.fc1, self.fc2))
+
+    # ------------------------------------------------------------------ forward pieces
+
+    @staticmethod
+    def _gemm(a: Tensor | tuple[Tensor, Tensor], op: GemmOperand, **epilogue) -> Tensor | tuple[Tensor, Tensor]:
+        if isinstance(a, tuple):
+            codes, a_scale = a
+        else:
+            codes, a_scale = a, None
+        return scaled_gemm(
+            codes, op.weight, a_scale=a_scale, w_scale=op.scale, bias=op.bias, w_int4_k=op.int4_k, tiles=op.tiles,
+            **epilogue,
+        )  # fmt: skip
+
+    @staticmethod
+    def _norm_in(x: Tensor, norm: tuple, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
+        w, b, eps = norm
+        if op.act == "bf16":
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps).to(torch.bfloat16)
+        return layernorm_quant(x, w, b, eps, op.act)
+
+    def _attend(self, qkv: Tensor, batch: int, tokens: int, pos: TokenPositions | None) -> Tensor:
+        qkv = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, h, N, d] views
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            if pos is None:
+                raise ValueError(f"{self.name}: this block uses RoPE: pass the token positions `pos`")
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if self.attention == "fp8":
+            from qvggt.kernels.attention import fp8_attention  # optional kernel module
+
+            out = fp8_attention(q.contiguous(), k.contiguous(), v.contiguous())
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch * tokens, self.num_heads * self.head_dim)
+
+    def forward(self, x: Tensor, pos: TokenPositions | None = None) -> Tensor:
+        """x: [B, N, C] -> [B, N, C] bf16 (inputs of other dtypes are cast to bf16 first)."""
+        batch, tokens, dim = x.shape
+        ctx = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else (
+            contextlib.nullcontext()
+        )  # fmt: skip
+        with ctx:
+            xf = x.reshape(batch * tokens, dim).to(torch.bfloat16).contiguous()
+            qkv = self._gemm(self._norm_in(xf, self.norm1, self.qkv), self.qkv, out_dtype=torch.bfloat16)
+            o = self._attend(qkv, batch, tokens, pos)
+            o_in = o.contiguous() if self.proj.act == "bf16" else token_quant(o.contiguous(), self.proj.act)
+            xf = self._gemm(o_in, self.proj, gamma=self.gamma1, residual=xf, out_dtype=torch.bfloat16)
+            h = self._norm_in(xf, self.norm2, self.fc1)
+            f = self._gemm(
+                h, self.fc1, gelu=True, out_dtype=torch.bfloat16,
+                out_quant=None if self.fc2.act == "bf16" else self.fc2.act,
+            )  # fmt: skip
+            xf = self._gemm(f, self.fc2, gamma=self.gamma2, residual=xf, out_dtype=torch.bfloat16)
+        return xf.view(batch, tokens, dim)
+
+    def extra_repr(self) -> str:
+        kinds = lambda op: "bf16" if op.scale is None else ("int4" if op.int4_k else str(op.weight.dtype))
+        return (
+            f"{self.name}: qkv={kinds(self.qkv)}/{self.qkv.act}, proj={kinds(self.proj)}/{self.proj.act}, "
+            f"fc1={kinds(self.fc1)}/{self.fc1.act}, fc2={kinds(self.fc2)}/{self.fc2.act}, attention={self.attention}"
+        )

@@ -1,0 +1,148 @@
+"""Turn a (quantized or float) VGGT into the engine: fused kernel blocks, bf16 residual stream, 4 kept layers.
+
+``build_engine(model)`` replaces every transformer ``Block`` of the aggregator (the DINOv2 encoder's and the frame
+and global blocks) by a ``FusedBlock``, casts the rest of the aggregator to bf16 and the heads to ``head_dtype``,
+and returns an ``Engine`` whose ``forward(images)`` runs the model the fast way. On CUDA, kernels are required
+(``qvggt.kernels.require_kernels``): a torch fallback raises instead of silently running slower. On CPU the same
+modules run the kernels' torch twins, so a checkpoint can be checked anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qvggt.engine.block import FusedBlock
+from qvggt.kernels import require_kernels
+from qvggt.model.layers import Block
+from qvggt.model.vggt import VGGT
+
+__all__ = ["Engine", "EngineOptions", "build_engine", "kernel_call_counts", "reset_kernel_call_counts"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs.
+
+    Attributes:
+        attention: "sdpa" (PyTorch bf16 flash/cuDNN attention) or "fp8" (the Triton fp8 flash-attention kernel).
+        head_dtype: dtype of the camera/DPT/track heads: bfloat16 (fast) or float32 (as published).
+        frames_chunk_size: frames per DPT-head chunk (bounds activation memory at many frames).
+    """
+
+    attention: str = "sdpa"
+    head_dtype: torch.dtype = torch.bfloat16
+    frames_chunk_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "fp8"):
+            raise ValueError(f"EngineOptions.attention must be 'sdpa' or 'fp8', got {self.attention!r}")
+        if self.head_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"EngineOptions.head_dtype must be torch.bfloat16 or torch.float32, got {self.head_dtype}")
+        if self.frames_chunk_size <= 0:
+            raise ValueError(f"EngineOptions.frames_chunk_size must be positive, got {self.frames_chunk_size}")
+
+
+def _replace_blocks(root: nn.Module, prefix: str, attention: str) -> int:
+    count = 0
+    for name, child in list(root.named_children()):
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, Block):
+            setattr(root, name, FusedBlock(child, full, attention))
+            count += 1
+        else:
+            count += _replace_blocks(child, full, attention)
+    return count
+
+
+class Engine(nn.Module):
+    """A VGGT whose aggregator runs on fused kernels. ``forward(images)`` returns the VGGT prediction dict."""
+
+    def __init__(self, model: VGGT, options: EngineOptions) -> None:
+        super().__init__()
+        self.model, self.options = model, options
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def fused_blocks(self) -> list[FusedBlock]:
+        return [m for m in self.model.modules() if isinstance(m, FusedBlock)]
+
+    def weight_nbytes(self) -> int:
+        """Device bytes of all weights: fused GEMM operands plus every remaining parameter and buffer."""
+        rest = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        rest += sum(t.numel() * t.element_size() for t in self.model.buffers())
+        return rest + sum(b.operand_nbytes() for b in self.fused_blocks())
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        out = super()._apply(fn, recurse)
+        require_kernels(fn(torch.empty(0)).device.type == "cuda")
+        return out
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor, query_points: Tensor | None = None) -> dict:
+        """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1] -> the VGGT prediction dict."""
+        return self.model(
+            images.to(torch.bfloat16), query_points, dtype=torch.bfloat16, keep_all_layers=False,
+            frames_chunk_size=self.options.frames_chunk_size,
+        )  # fmt: skip
+
+
+def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
+    """Convert ``model`` (modified in place: pass a copy to keep the original) into an ``Engine``.
+
+    Works on float models (the bf16 fused path) and on models quantized by ``qvggt.quant.quantize_`` (int8 / fp8
+    / int4 weights with per-token int8, fp8 or int4 activations); formats with no exact kernel path raise
+    ``qvggt.engine.operands.UnsupportedLayerError`` naming the layer and the fix.
+    """
+    if not isinstance(model, VGGT):
+        raise TypeError(f"build_engine expects a qvggt VGGT, got {type(model).__name__}")
+    options = options or EngineOptions()
+    model.eval()
+    n = _replace_blocks(model.aggregator, "aggregator", options.attention)
+    if n == 0:
+        raise ValueError("the model's aggregator has no transformer blocks to fuse (already an engine?)")
+    model.aggregator.to(torch.bfloat16)
+    for head in (model.camera_head, model.depth_head, model.point_head, model.track_head):
+        if head is not None:
+            head.to(options.head_dtype)
+    engine = Engine(model, options)
+    device = next(model.parameters()).device
+    require_kernels(device.type == "cuda")
+    return engine
+
+
+def kernel_call_counts() -> dict[str, dict[str, int]]:
+    """``{"kernel": {...}, "fallback": {...}}``: launches per launcher since the last reset (proof of the path)."""
+    from qvggt.kernels import gemm, layernorm_quant
+
+    kernel = {**gemm.KERNEL_CALLS, **layernorm_quant.KERNEL_CALLS}
+    fallback = {**gemm.FALLBACK_CALLS, **layernorm_quant.FALLBACK_CALLS}
+    try:
+        from qvggt.kernels import attention
+
+        kernel.update(attention.KERNEL_CALLS)
+        fallback.update(attention.FALLBACK_CALLS)
+    except ImportError:  # the attention kernel module is optional
+        pass
+    return {"kernel": kernel, "fallback": fallback}
+
+
+def reset_kernel_call_counts() -> None:
+    """Zero every launcher counter."""
+    from qvggt.kernels import gemm, layernorm_quant
+
+    mods = [gemm, layernorm_quant]
+    try:
+        from qvggt.kernels import attention
+
+        mods.append(attention)
+    except ImportError:
+        pass
+    for mod in mods:
+        for counter in (mod.KERNEL_CALLS, mod.FALLBACK_CALLS):
+            for key in counter:
+                counter[key] = 0

@@ -1,0 +1,127 @@
+"""Kernel-ready GEMM operands built once from ``nn.Linear`` / ``QuantLinear`` layers.
+
+The checkpoint layout (``qvggt.quant.linear``) is for storage; the engine converts each layer when it is built:
+float weights to bf16, int8 / fp8 codes kept as they are, int4 codes repacked into the GEMM kernel's blocked
+nibble layout (``pack_int4_blocked``), scales to float32 [N, 1] or [N, K / 128]. Formats the kernels cannot run
+exactly as stored are refused with the reason, never approximated silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qvggt.kernels.gemm import GemmTiles, default_tiles, pack_int4_blocked
+from qvggt.quant.formats import Granularity, QuantFormat
+from qvggt.quant.linear import QuantLinear, is_packed_format
+
+__all__ = ["GemmOperand", "UnsupportedLayerError", "act_kind", "prepare_linear"]
+
+ActKind = str  # "bf16" (no activation quantization), "int8", "fp8_e4m3", "int4" (int4 grid in int8 codes)
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer's quantization format has no kernel path in the engine (the message says which and why)."""
+
+
+def act_kind(fmt: QuantFormat | None, where: str) -> ActKind:
+    """The kernel activation kind for a QuantLinear's dynamic input format."""
+    if fmt is None:
+        return "bf16"
+    if fmt.granularity is not Granularity.TOKEN or not fmt.symmetric:
+        raise UnsupportedLayerError(
+            f"{where}: activation format {fmt.name} is not symmetric per-token; the engine's fused LayerNorm/GEMM "
+            "kernels quantize activations per token (re-quantize with a per-token activation format)"
+        )
+    if fmt.is_float:
+        return "fp8_e4m3"
+    if fmt.bits == 8:
+        return "int8"
+    if fmt.bits == 4:
+        return "int4"
+    raise UnsupportedLayerError(f"{where}: {fmt.bits}-bit activations have no kernel path (use 4 or 8 bits)")
+
+
+@dataclass
+class GemmOperand:
+    """One linear layer as the GEMM kernel consumes it.
+
+    Attributes:
+        weight: bf16 [N, K]; int8 / float8_e4m3fn codes [N, K]; or int4 codes packed [N, Kp / 2] (uint8).
+        scale: float32 [N, 1] or [N, K / block_k]; None for bf16 weights.
+        int4_k: K when ``weight`` is int4-packed, else None.
+        bias: bf16 [N] or None.
+        act: the activation kind the layer's input is quantized to ("bf16" = not quantized).
+        tiles: the kernel tile configuration the operand was packed for.
+    """
+
+    weight: Tensor
+    scale: Tensor | None
+    int4_k: int | None
+    bias: Tensor | None
+    act: ActKind
+    tiles: GemmTiles
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes the operand occupies on the device (weights, scales, bias)."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)
+
+    def to(self, device: torch.device | str) -> GemmOperand:
+        move = lambda t: None if t is None else t.to(device)
+        return GemmOperand(move(self.weight), move(self.scale), self.int4_k, move(self.bias), self.act, self.tiles)
+
+
+def _weight_only_to_bf16(layer: QuantLinear) -> Tensor:
+    return layer.dequantized_weight(torch.float32).to(torch.bfloat16)
+
+
+def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
+    """Build the kernel operand of ``layer`` (``nn.Linear`` or ``QuantLinear``), on the layer's device.
+
+    Raises:
+        UnsupportedLayerError: for formats without an exact kernel path (asymmetric or per-tensor weights, group
+            sizes other than the kernel's 128-wide K step, fp8/int8 weights with a different activation kind),
+            naming the layer and the fix.
+    """
+    bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().to(torch.bfloat16)
+    if isinstance(layer, nn.Linear):
+        w = layer.weight.detach().to(torch.bfloat16).contiguous()
+        return GemmOperand(w, None, None, bias, "bf16", default_tiles(torch.bfloat16))
+    if not isinstance(layer, QuantLinear):
+        raise UnsupportedLayerError(f"{where}: {type(layer).__name__} is neither nn.Linear nor QuantLinear")
+    fmt = layer.weight_fmt
+    act = act_kind(layer.act_fmt, where)
+    a_dtype = torch.bfloat16 if act == "bf16" else (torch.float8_e4m3fn if act == "fp8_e4m3" else torch.int8)
+    tiles = default_tiles(a_dtype)
+    if not fmt.symmetric or fmt.granularity is Granularity.TENSOR:
+        raise UnsupportedLayerError(
+            f"{where}: weight format {fmt.name} is {'asymmetric' if not fmt.symmetric else 'per-tensor'}; the GEMM "
+            "kernel applies symmetric per-channel or per-group-of-128 scales (re-quantize with e.g. int4-sym-channel)"
+        )
+    if fmt.granularity is Granularity.GROUP and fmt.group_size != tiles.block_k:
+        raise UnsupportedLayerError(
+            f"{where}: weight group size {fmt.group_size} differs from the kernel's K step {tiles.block_k}; "
+            f"re-quantize with group_size={tiles.block_k} or per-channel scales"
+        )
+    scale = layer.weight_scale.detach().float().reshape(layer.out_features, -1).contiguous()
+    if is_packed_format(fmt):
+        if fmt.bits != 4:
+            raise UnsupportedLayerError(f"{where}: {fmt.bits}-bit packed weights have no kernel path (use 4 or 8)")
+        packed = pack_int4_blocked(layer._codes().to(torch.int8), tiles.block_k)
+        return GemmOperand(packed, scale, layer.in_features, bias, act, tiles)
+    if act == "bf16":  # 8-bit weight-only: no 8-bit kernel gain without quantized activations
+        return GemmOperand(_weight_only_to_bf16(layer), None, None, bias, act, tiles)
+    codes = layer.weight_q.detach()
+    want = torch.float8_e4m3fn if act == "fp8_e4m3" else torch.int8
+    if codes.dtype != want:
+        raise UnsupportedLayerError(
+            f"{where}: {codes.dtype} weights with {act} activations cannot share a tensor-core dot; quantize both "
+            "to int8 or both to fp8 (or the weights to int4)"
+        )
+    return GemmOperand(codes.contiguous(), scale, None, bias, act, tiles)
