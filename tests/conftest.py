@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter (NumPy on CPU). It must be on before anything imports
+# triton (``@triton.jit`` decides at import time), so it is set here, before any test module is collected. With a
+# GPU the kernels compile for it instead and tests/kernels/test_kernels_cuda.py checks them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).parent / "data_files"
 

@@ -115,34 +115,35 @@ def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
     return engine
 
 
+_KERNEL_MODULES = ("gemm", "layernorm_quant", "qk_rope", "attention")
+
+
+def _kernel_modules() -> list:
+    import importlib
+
+    mods = []
+    for name in _KERNEL_MODULES:
+        try:
+            mods.append(importlib.import_module(f"qvggt.kernels.{name}"))
+        except ImportError:  # the attention kernel module is optional
+            if name != "attention":
+                raise
+    return mods
+
+
 def kernel_call_counts() -> dict[str, dict[str, int]]:
     """``{"kernel": {...}, "fallback": {...}}``: launches per launcher since the last reset (proof of the path)."""
-    from qvggt.kernels import gemm, layernorm_quant
-
-    kernel = {**gemm.KERNEL_CALLS, **layernorm_quant.KERNEL_CALLS}
-    fallback = {**gemm.FALLBACK_CALLS, **layernorm_quant.FALLBACK_CALLS}
-    try:
-        from qvggt.kernels import attention
-
-        kernel.update(attention.KERNEL_CALLS)
-        fallback.update(attention.FALLBACK_CALLS)
-    except ImportError:  # the attention kernel module is optional
-        pass
+    kernel: dict[str, int] = {}
+    fallback: dict[str, int] = {}
+    for mod in _kernel_modules():
+        kernel.update(mod.KERNEL_CALLS)
+        fallback.update(mod.FALLBACK_CALLS)
     return {"kernel": kernel, "fallback": fallback}
 
 
 def reset_kernel_call_counts() -> None:
     """Zero every launcher counter."""
-    from qvggt.kernels import gemm, layernorm_quant
-
-    mods = [gemm, layernorm_quant]
-    try:
-        from qvggt.kernels import attention
-
-        mods.append(attention)
-    except ImportError:
-        pass
-    for mod in mods:
+    for mod in _kernel_modules():
         for counter in (mod.KERNEL_CALLS, mod.FALLBACK_CALLS):
             for key in counter:
                 counter[key] = 0

@@ -24,6 +24,8 @@ __all__ = [
     "TokenQuantFormat",
     "dequant_ref",
     "layernorm_quant_ref",
+    "qk_norm_rope_ref",
+    "rope_inv_freq",
     "scaled_gemm_ref",
     "token_format",
     "token_quant_ref",
@@ -141,3 +143,47 @@ def scaled_gemm_ref(
     padded = F.pad(y, (0, tiles * block_n - n)).view(m * tiles, block_n)
     q, scale = token_quant_ref(padded, out_quant)
     return q.view(m, tiles * block_n)[:, :n].contiguous(), scale.view(m, tiles)
+
+
+def rope_inv_freq(head_dim: int, base: float) -> Tensor:
+    """VGGT's 2-D RoPE inverse frequencies ``base^(-k / (d/2))``, k = 0, 2, ..., d/2 - 2: float32 [d/4]."""
+    half = head_dim // 2
+    return 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
+
+
+def _rope_half(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate-half RoPE of x [B, h, N, d/2] by integer positions pos [B, N], angles in float32."""
+    angle = pos.float()[:, None, :, None] * inv_freq.repeat(2)  # [B, 1, N, d/2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * angle.cos() + torch.cat([-x2, x1], dim=-1) * angle.sin()
+
+
+def qk_norm_rope_ref(
+    qkv: Tensor,
+    batch: int,
+    heads: int,
+    q_norm: tuple[Tensor, Tensor, float] | None,
+    k_norm: tuple[Tensor, Tensor, float] | None,
+    yx: Tensor | None,
+    inv_freq: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Twin of ``qvggt.kernels.qk_rope.qk_norm_rope``: float32 math, outputs [B, h, N, d] in qkv's dtype."""
+    t, c3 = qkv.shape
+    n, d = t // batch, c3 // (3 * heads)
+    q, k, v = qkv.float().view(batch, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    outs = []
+    for x, norm in ((q, q_norm), (k, k_norm)):
+        if norm is not None:
+            w, b, eps = norm
+            x = F.layer_norm(x, (d,), w.float(), b.float(), eps)
+        if yx is not None:
+            y_part, x_part = x.chunk(2, dim=-1)
+            x = torch.cat(
+                [
+                    _rope_half(y_part, yx[..., 0], inv_freq.to(x.device)),
+                    _rope_half(x_part, yx[..., 1], inv_freq.to(x.device)),
+                ],
+                dim=-1,
+            )
+        outs.append(x.to(qkv.dtype).contiguous())
+    return outs[0], outs[1], v.to(qkv.dtype).contiguous()

@@ -18,6 +18,7 @@ from qvggt.engine import (
     reset_kernel_call_counts,
 )
 from qvggt.engine.block import FusedBlock
+from qvggt.kernels import gemm
 from qvggt.model import build_model, get_preset
 from qvggt.model.init import fill_name_seeded_
 from qvggt.model.layers import Block
@@ -116,8 +117,10 @@ def test_build_engine_runs_a_quantized_model_on_cpu_twins() -> None:
     reset_kernel_call_counts()
     out = engine(images)
     counts = kernel_call_counts()
-    assert counts["fallback"]["scaled_gemm"] == 4 * n_blocks  # CPU: twins ran, and the counters say so
-    assert counts["kernel"]["scaled_gemm"] == 0
+    # Every GEMM is accounted for; on CPU outside the interpreter the twins ran, and the counters say so.
+    assert counts["fallback"]["scaled_gemm"] + counts["kernel"]["scaled_gemm"] == 4 * n_blocks
+    if not gemm.kernel_is_interpreted():
+        assert counts["kernel"]["scaled_gemm"] == 0
     assert out["depth"].shape == ref["depth"].shape
     assert _rel(out["depth"], ref["depth"]) < 0.02
     assert engine.weight_nbytes() < sum(p.numel() * p.element_size() for p in model.parameters())

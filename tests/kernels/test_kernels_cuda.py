@@ -152,3 +152,22 @@ def test_engine_end_to_end_on_gpu_tiny() -> None:
     counts = kernel_call_counts()
     assert counts["kernel"]["scaled_gemm"] > 0 and sum(counts["fallback"].values()) == 0
     assert _rel(out["depth"].cpu(), ref["depth"]) < 0.05
+
+
+@pytest.mark.parametrize("batch,grid", [(32, (28, 37)), (1, (28 * 8, 37))])
+def test_qk_norm_rope_on_gpu_matches_twin(batch: int, grid: tuple[int, int]) -> None:
+    from qvggt.kernels import qk_rope
+    from qvggt.kernels.reference import qk_norm_rope_ref, rope_inv_freq
+    from qvggt.model.rope import grid_positions
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    pos = grid_positions(batch, grid[0], grid[1], 5, torch.device("cuda"))
+    n = 5 + grid[0] * grid[1]
+    qkv = torch.randn(batch * n, 3 * 1024, device="cuda", generator=gen).bfloat16()
+    norms = [(torch.randn(64, device="cuda", generator=gen), torch.randn(64, device="cuda", generator=gen), 1e-5)
+             for _ in range(2)]  # fmt: skip
+    inv = rope_inv_freq(64, 100.0).cuda()
+    q, k, v = qk_rope.qk_norm_rope(qkv, batch, 16, *norms, pos.yx, inv)
+    q0, k0, v0 = qk_norm_rope_ref(qkv.float(), batch, 16, *norms, pos.yx, inv)
+    assert _rel(q, q0) < 5e-3 and _rel(k, k0) < 5e-3  # bf16 output rounding
+    assert torch.equal(v.float(), v0)

@@ -1,21 +1,12 @@
 """Fused LayerNorm -> per-token quantization kernel vs its torch twin, under the Triton interpreter (CPU).
 
-Interpreter setup: triton decides at ``@triton.jit`` (module import) time whether a kernel is interpreted, so
-``TRITON_INTERPRET=1`` is set before the kernel module is imported. If triton was already imported in this process
-without it (another test file), the interpreter can no longer be switched on (``tl.sum`` & co. are compiled-mode
-jit functions then; reloading the module does not help), so the whole file re-runs in a subprocess with the
-variable set (``test_in_subprocess``) and its in-process tests skip: the kernel path is always what gets tested.
-What the interpreter cannot prove: GPU codegen (that ``(v + 1.5*2^23) - 1.5*2^23`` is not folded, ``div_rn`` /
-``sqrt_rn`` lowering, the hardware fp8 cast), bf16 arithmetic inside kernels, and speed.
+The interpreter is switched on for the whole test session by ``tests/conftest.py`` (it must be on before triton
+is first imported). What the interpreter cannot prove: GPU codegen (that ``(v + 1.5*2^23) - 1.5*2^23`` is not
+folded, ``div_rn`` / ``sqrt_rn`` lowering, the hardware fp8 cast), bf16 arithmetic inside kernels, and speed: those
+are checked by tests/kernels/test_kernels_cuda.py on a GPU.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and its @triton.jit) is imported
 
 import pytest
 import torch
@@ -33,17 +24,10 @@ from qvggt.quant.quantizer import fake_quantize
 if has_triton():
     import qvggt.kernels.layernorm_quant as lq
 
-_IN_PROCESS = has_triton() and lq.kernel_is_interpreted()
-pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
-in_process = pytest.mark.skipif(not _IN_PROCESS, reason="triton was imported without the interpreter: subprocess")
-
-
-@pytest.mark.skipif(_IN_PROCESS or not has_triton(), reason="the interpreter is active in this process")
-def test_in_subprocess() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+pytestmark = pytest.mark.skipif(
+    not (has_triton() and lq.kernel_is_interpreted()),
+    reason="needs the Triton interpreter, which tests/conftest.py turns on where there is no GPU",
+)
 
 
 EPS = 1e-6
@@ -65,12 +49,10 @@ def _fp8_steps(a: torch.Tensor) -> torch.Tensor:
     return torch.exp2(e - 3)
 
 
-@in_process
 def test_interpreter_is_active() -> None:
     assert lq.kernel_is_interpreted()
 
 
-@in_process
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize(("m", "k"), SHAPES)
 def test_int8_kernel_matches_twin(m: int, k: int, affine: bool) -> None:
@@ -90,7 +72,6 @@ def test_int8_kernel_matches_twin(m: int, k: int, affine: bool) -> None:
     assert int((diff != 0).sum()) <= max(1, q.numel() // 1000)
 
 
-@in_process
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 65), (17, 100), (3, 1000), (17, 1024)])
 def test_fp8_kernel_matches_twin(m: int, k: int, affine: bool) -> None:
@@ -113,7 +94,6 @@ def test_fp8_kernel_matches_twin(m: int, k: int, affine: bool) -> None:
     torch.testing.assert_close(dequant_ref(q, s), dequant_ref(qr, sr), rtol=2.0**-4, atol=0.0)
 
 
-@in_process
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(fmt: str, dtype: torch.dtype) -> None:
@@ -124,7 +104,6 @@ def test_half_inputs(fmt: str, dtype: torch.dtype) -> None:
     assert int((q.float() != qr.float()).sum()) <= 1  # 500 codes; at most one LayerNorm-ulp tie flip
 
 
-@in_process
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
 def test_quantization_stage_is_bit_exact_on_ties(fmt: str) -> None:
     """token_quant (the same kernel without LayerNorm) vs twin on exact rounding ties, zeros and random rows."""
@@ -156,7 +135,6 @@ def test_quantization_stage_is_bit_exact_on_ties(fmt: str) -> None:
         assert q[0, :4].tolist() == [-50, -48, -48, -46]  # -49.5, -48.5, -47.5, -46.5 -> even
 
 
-@in_process
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_twin_matches_fake_quantize(fmt: str, dtype: torch.dtype) -> None:
@@ -166,7 +144,6 @@ def test_twin_matches_fake_quantize(fmt: str, dtype: torch.dtype) -> None:
     assert torch.equal(dequant_ref(qr, sr), expected)
 
 
-@in_process
 def test_bad_inputs_raise() -> None:
     x = torch.randn(4, 64)
     with pytest.raises(ValueError, match="2-D"):
@@ -178,12 +155,11 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         lq.layernorm_quant(torch.randn(64, 4).t())
     with pytest.raises(ValueError, match="fmt="):
-        lq.layernorm_quant(x, fmt="int4")
+        lq.layernorm_quant(x, fmt="int2")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         lq.layernorm_quant(x.double())
 
 
-@in_process
 def test_fallback_off_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU tensors without the interpreter run the twin and count a fallback."""
     monkeypatch.setattr(lq, "kernel_is_interpreted", lambda: False)
@@ -193,3 +169,13 @@ def test_fallback_off_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lq.FALLBACK_CALLS["layernorm_quant"] == before["layernorm_quant"] + 1
     qr, sr = layernorm_quant_ref(x, w, b, EPS, "int8")
     assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+def test_int4_grid_for_w4a4_activations() -> None:
+    """fmt="int4": codes on the 4-bit grid [-7, 7] in int8 storage, bit-identical to the twin."""
+    x = torch.randn(37, 96) * 3
+    q, s = lq.layernorm_quant(x, None, None, 1e-5, "int4")
+    qr, sr = layernorm_quant_ref(x, None, None, 1e-5, "int4")
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 7
+    torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
+    assert (q != qr).float().mean() < 0.01

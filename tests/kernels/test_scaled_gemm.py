@@ -8,12 +8,6 @@ values). It cannot check bf16 dots (it multiplies bit patterns) or GPU code gene
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and its @triton.jit) is imported
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,22 +18,13 @@ from qvggt.kernels.reference import scaled_gemm_ref, token_quant_ref
 if has_triton():
     import qvggt.kernels.gemm as gm
 
-_IN_PROCESS = has_triton() and gm.kernel_is_interpreted()
-pytestmark = pytest.mark.skipif(not has_triton(), reason="triton is not installed")
-in_process = pytest.mark.skipif(not _IN_PROCESS, reason="triton was imported without the interpreter: subprocess")
+pytestmark = pytest.mark.skipif(
+    not (has_triton() and gm.kernel_is_interpreted()),
+    reason="needs the Triton interpreter, which tests/conftest.py turns on where there is no GPU",
+)
 
 # Small tiles keep the interpreter fast; shapes below are chosen to straddle them.
 TILES = gm.GemmTiles(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1) if has_triton() else None
-
-
-def test_in_subprocess() -> None:
-    """Triton was imported before this file without the interpreter: re-run this file in a fresh process."""
-    if _IN_PROCESS:
-        pytest.skip("the interpreter is active in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                       capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def _codes(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +41,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("m,n,k", [(1, 32, 32), (37, 45, 96), (16, 70, 32), (50, 33, 64)])
 def test_quantized_gemm_matches_twin(kind: str, m: int, n: int, k: int) -> None:
@@ -74,7 +58,6 @@ def test_quantized_gemm_matches_twin(kind: str, m: int, n: int, k: int) -> None:
     assert _rel(want, (a.float() * sa) @ (w.float() * sw).T) < 1e-6
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 def test_fused_epilogue_matches_twin(kind: str) -> None:
     gen = torch.Generator().manual_seed(7)
@@ -99,7 +82,6 @@ def test_fused_epilogue_matches_twin(kind: str) -> None:
     assert _rel(want, res + gamma * F.gelu(plain + bias)) < 1e-6
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 def test_int4_weights_unpacked_in_kernel(kind: str) -> None:
     gen = torch.Generator().manual_seed(11)
@@ -115,7 +97,6 @@ def test_int4_weights_unpacked_in_kernel(kind: str) -> None:
         assert _rel(got, want) < 1e-6
 
 
-@in_process
 def test_int4_width_not_multiple_of_block_is_padded() -> None:
     gen = torch.Generator().manual_seed(12)
     m, n, k = 5, 20, 50  # K pads to 64 with zero codes; A's padding is masked
@@ -128,7 +109,6 @@ def test_int4_width_not_multiple_of_block_is_padded() -> None:
     assert _rel(got, (a.float() * sa) @ (codes.float() * sw).T) < 1e-6
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 def test_group_activation_scales(kind: str) -> None:
     """Per token-and-K-group activation scales (the fc1 -> fc2 hand-off) are applied per K step."""
@@ -142,7 +122,6 @@ def test_group_activation_scales(kind: str) -> None:
     assert _rel(got, want) < 1e-6
 
 
-@in_process
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 def test_output_quantized_per_row_tile(kind: str) -> None:
     gen = torch.Generator().manual_seed(17)
@@ -165,7 +144,6 @@ def test_output_quantized_per_row_tile(kind: str) -> None:
     assert ((deq - y).abs() <= tol + 1e-6).all()
 
 
-@in_process
 def test_float_weight_only_int4() -> None:
     """bf16 activations with int4 weights (W4A16) run; checked in fp16, whose dot the interpreter computes."""
     gen = torch.Generator().manual_seed(19)
