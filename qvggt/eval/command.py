@@ -42,6 +42,16 @@ def _has_metadata(path: Path, key: str) -> bool:
         return False
 
 
+def calibration_sample_ids(spec: str) -> set[str]:
+    """Sample ids a quantized checkpoint was calibrated on (from its embedded manifest); empty for float models."""
+    path = Path(spec)
+    from qvggt.quant.export import MANIFEST_KEY, read_manifest
+
+    if spec.startswith(PRESET_PREFIX) or not _has_metadata(path, MANIFEST_KEY):
+        return set()
+    return set((read_manifest(path).get("calibration") or {}).get("sample_ids") or [])
+
+
 def build_dataset(spec: str, model: VGGT, frames: int, scenes: int, data: DataConfig) -> EvalDataset:
     """Dataset from its spec, with frames and image size matched to the reference model."""
     h, w = model.cfg.default_image_hw
@@ -74,7 +84,9 @@ def run_eval(
         raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
     predictors: list[Predictor] = []
     ref_model = None
+    exclude = set(exclude_ids)
     for spec in (model, *compare):
+        exclude |= calibration_sample_ids(spec)  # a quantized model is never scored on its calibration samples
         name, m = load_model_spec(spec)
         if any(p.name == name for p in predictors):
             name = f"{name}#{len(predictors)}"
@@ -83,6 +95,6 @@ def run_eval(
     if baseline:
         predictors.append(TrivialBaseline())
     ds = build_dataset(dataset, ref_model, frames, scenes, data or DataConfig())
-    result = evaluate(ds, predictors, out, max_scenes=scenes, exclude_ids=exclude_ids, progress=progress)
+    result = evaluate(ds, predictors, out, max_scenes=scenes, exclude_ids=sorted(exclude), progress=progress)
     write_report(Path(out), result)
     return result
