@@ -202,12 +202,15 @@ def register_candidate(
     *,
     artifact_path: str = "quantized",
     config_name: str = "",
+    base_etag: str | None = None,
     client: Any | None = None,
 ) -> int:
     """Register the quantized checkpoint logged under ``runs:/<run_id>/<artifact_path>`` as a new version.
 
     Creates the registered model on first use (its description states the rule). Returns the version number.
     The alias is not touched: call :func:`update_champion` after registering every config of a flow run.
+    ``base_etag``: the S3 ETag of the base weights when they were pulled from an object without a sha256 record
+    (what ``flows/watch_base_weights.py`` compares for such objects).
     """
     client = _client(client)
     name = registered_model_name(base_model)
@@ -223,6 +226,8 @@ def register_candidate(
         except MlflowException:
             pass  # created concurrently by another flow run
     tags = {"base_sha256": base_sha256, "base_model": base_model, "config": config_name, **metrics.to_tags()}
+    if base_etag:
+        tags["base_etag"] = base_etag
     assert_no_secrets(tags, what="model version tags")
     run = client.get_run(run_id)
     source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"

@@ -315,3 +315,57 @@ def make_client(settings: S3Settings) -> Any:
     )
     # A fresh Session per client: the default session caches credentials, which would keep a rotated key alive.
     return boto3.session.Session().client("s3", endpoint_url=settings.endpoint_url, config=config)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> ``(bucket, key)``; ValueError naming the expected form otherwise."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"expected s3://<bucket>/<key>, got {uri!r}")
+    return bucket, key
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of a weights file: ``kind`` is ``sha256`` (content hash) or ``etag`` (S3 object without one).
+
+    ``tag`` is the MLflow tag that records it on a model version: ``base_sha256`` or ``base_etag``.
+    """
+
+    kind: str
+    value: str
+
+    @property
+    def tag(self) -> str:
+        return f"base_{self.kind}"
+
+
+def fingerprint(source: str | Path, client: Any | None = None) -> Fingerprint:
+    """The fingerprint of base weights at ``source``: a local file or an ``s3://bucket/key`` object.
+
+    A local file is hashed (sha256). For an S3 object no bytes are read: the sha256 that :meth:`S3Store.push`
+    recorded in its metadata is used when present, else its ETag (which changes whenever the object is replaced;
+    a multipart ETag is not an MD5, so it is only compared for equality, never recomputed). Raises
+    FileNotFoundError when the file or object does not exist.
+    """
+    text = str(source)
+    if not text.startswith("s3://"):
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"base weights {path} do not exist (or are not a file)")
+        return Fingerprint("sha256", sha256_file(path))
+    bucket, key = parse_s3_uri(text)
+    if client is None:
+        client = make_client(S3Settings.from_env(env={**os.environ, "QVGGT_S3_BUCKET": bucket}))
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"base weights {text} do not exist") from None
+        raise
+    digest = head.get("Metadata", {}).get(SHA256_META)
+    if digest:
+        return Fingerprint("sha256", digest)
+    return Fingerprint("etag", head["ETag"].strip('"'))
