@@ -83,13 +83,13 @@ def test_from_eval_metrics_json() -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_client(mlflow_server: Server):  # noqa: ANN201 - MlflowClient, imported lazily
+def mlflow_client(mlflow_server: Server):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=mlflow_server.url)
 
 
-def _logged_run(client, experiment: str, tmp_path: Path, label: str, params: dict[str, str]) -> str:  # noqa: ANN001
+def _logged_run(client, experiment: str, tmp_path: Path, label: str, params: dict[str, str]) -> str:
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     run = client.create_run(exp_id, run_name=label, tags={"base_sha256": params.get("base_sha256", "")})
@@ -105,7 +105,7 @@ def _logged_run(client, experiment: str, tmp_path: Path, label: str, params: dic
 
 def test_mlflow_artifacts_land_in_bucket(
     mlflow_server: Server, mlflow_client, s3_endpoint: str, tmp_path: Path, record_property
-) -> None:  # noqa: ANN001
+) -> None:
     record_property("mlflow_server_startup_s", round(mlflow_server.startup_s, 1))
     print(f"mlflow server healthy after {mlflow_server.startup_s:.1f} s")
     run_id = _logged_run(mlflow_client, "qvggt-artifact-check", tmp_path, "artifact-check", {"wbits": "8"})
@@ -121,7 +121,7 @@ def test_mlflow_artifacts_land_in_bucket(
     assert Path(local).read_bytes() == body
 
 
-def test_champion_better_takes_worse_does_not(mlflow_client, tmp_path: Path) -> None:  # noqa: ANN001
+def test_champion_better_takes_worse_does_not(mlflow_client, tmp_path: Path) -> None:
     base = "registry-test"
     name = registered_model_name(base)
     exp = "qvggt-registry-test"
