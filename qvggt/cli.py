@@ -190,6 +190,36 @@ def memory(
             )
 
 
+@app.command("reproduce-table")
+def reproduce_table_(
+    checkpoint: Annotated[Path, typer.Option(help="Float VGGT checkpoint (VGGT-1B for the paper's numbers).")],
+    co3d: Annotated[Path, typer.Option(help="Co3Dv2 root in its published layout.")],
+    out: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/paper_table"),
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,smoothquant,quarot,quantvggt",
+    bits: Annotated[str, typer.Option(help="Comma-separated bit settings.")] = "w8a8,w4a4",
+    frames: Annotated[str, typer.Option(help="Comma-separated frames per sequence.")] = "10,20",
+    calib_sequences: Annotated[int, typer.Option(help="Calibration sequences (Co3D train split).")] = 20,
+    calib_frames: Annotated[int, typer.Option(help="Frames per calibration sequence.")] = 10,
+    max_sequences: Annotated[int, typer.Option(help="Cap on test sequences.")] = 10_000,
+    min_sequence_length: Annotated[int, typer.Option(help="Co3D minimum sequence length (VGGT: 50).")] = 50,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16 as the paper on a GPU.")] = "float32",
+) -> None:
+    """Reproduce the QuantVGGT paper's Co3Dv2 table (FP and each method at W8A8 / W4A4) in one command."""
+    from qvggt.eval.paper_table import reproduce_table
+
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        reproduce_table(
+            checkpoint, co3d, out, split(methods), split(bits), [int(f) for f in split(frames)], calib_sequences,
+            calib_frames, max_sequences, {"min_sequence_length": min_sequence_length}, device, dtype,
+            log=typer.echo,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo((out / "table.md").read_text())
+
+
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md and bench_models.jsonl.")] = Path(

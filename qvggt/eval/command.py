@@ -52,14 +52,15 @@ def calibration_sample_ids(spec: str) -> set[str]:
     return set((read_manifest(path).get("calibration") or {}).get("sample_ids") or [])
 
 
-def build_dataset(spec: str, model: VGGT, frames: int, scenes: int, data: DataConfig) -> EvalDataset:
-    """Dataset from its spec, with frames and image size matched to the reference model."""
+def build_dataset(
+    spec: str, model: VGGT, frames: int, scenes: int, data: DataConfig, options: dict | None = None
+) -> EvalDataset:
+    """Dataset from its spec, with frames and image size matched to the reference model; ``options`` go to the
+    dataset's constructor (e.g. ``min_sequence_length`` for Co3D)."""
     h, w = model.cfg.default_image_hw
     if spec.split(":", 1)[0].lower() == "synthetic":
-        return make_dataset(spec, n=scenes, data=data, num_frames=frames, height=h, width=w)
-    if spec.split(":", 1)[0].lower() == "co3d":
-        return make_dataset(spec, num_frames=frames, target_size=w)
-    return make_dataset(spec, num_frames=frames, target_size=w)
+        return make_dataset(spec, n=scenes, data=data, num_frames=frames, height=h, width=w, **(options or {}))
+    return make_dataset(spec, num_frames=frames, target_size=w, **(options or {}))
 
 
 def run_eval(
@@ -75,6 +76,7 @@ def run_eval(
     data: DataConfig | None = None,
     exclude_ids: Sequence[str] = (),
     progress: bool = True,
+    dataset_options: dict | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (the reference) and every ``compare`` spec on the same samples; write the report."""
     from qvggt.eval.report import write_report  # matplotlib only when a report is written
@@ -94,7 +96,7 @@ def run_eval(
         predictors.append(ModelPredictor(name, m.to(device), dtypes[dtype]))
     if baseline:
         predictors.append(TrivialBaseline())
-    ds = build_dataset(dataset, ref_model, frames, scenes, data or DataConfig())
+    ds = build_dataset(dataset, ref_model, frames, scenes, data or DataConfig(), dataset_options)
     result = evaluate(ds, predictors, out, max_scenes=scenes, exclude_ids=sorted(exclude), progress=progress)
     write_report(Path(out), result)
     return result
