@@ -143,3 +143,72 @@ def test_watcher_starts_run_only_when_weights_change(
     again = _watch(prefect_server, mlflow_server, team_root, weights, "changed_again")
     assert again["flow_run_id"] == new["flow_run_id"]
     assert len(_runs_of(prefect_server, quantize_deployment)) == 1
+
+
+def test_watcher_deployment_run_by_worker(
+    prefect_server: Server, mlflow_server: Server, quantize_deployment: str, team_root: Path
+) -> None:
+    """The watcher as its schedule runs it: a ``watch-base-weights/hourly`` deployment with prefect.yaml's cron,
+    a flow run of it picked up by a process worker (``--run-once``), which starts a quantize run for new weights.
+
+    (The tick itself is created through the API: a cron tick would mean waiting for the scheduler service.)
+    """
+    from prefect.workers.process import ProcessWorker
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    hourly = next(d for d in spec["deployments"] if d["entrypoint"].startswith("flows/watch_base_weights.py"))
+    weights = team_root / "weights" / "release3.safetensors"
+    weights.write_bytes(b"base weights, release 3" * 100)
+    before = {r["id"] for r in _runs_of(prefect_server, quantize_deployment)}
+    pool = "team-test-cpu"
+    with httpx.Client(base_url=prefect_server.url, timeout=30) as api:
+        api.post(
+            "/work_pools/",
+            json={"name": pool, "type": "process", "base_job_template": ProcessWorker.get_default_base_job_template()},
+        ).raise_for_status()
+        flow_id = api.post("/flows/", json={"name": "watch-base-weights"}).raise_for_status().json()["id"]
+        dep_id = (
+            api.post(
+                "/deployments/",
+                json={
+                    "name": hourly["name"],
+                    "flow_id": flow_id,
+                    "work_pool_name": pool,
+                    "entrypoint": hourly["entrypoint"],
+                    "path": str(REPO),
+                    # prefect.yaml's pull step points at the image's /opt/qvggt; here the checkout is the code.
+                    "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}],
+                    "parameters": {**hourly["parameters"], "base_weights": str(weights), "base_model": BASE_MODEL},
+                    # prefect.yaml's cron, inactive: this server runs no scheduler, and the tick is made below.
+                    "schedules": [
+                        {"schedule": {"cron": s["cron"], "timezone": s.get("timezone", "UTC")}, "active": False}
+                        for s in hourly["schedules"]
+                    ],
+                },
+            )
+            .raise_for_status()
+            .json()["id"]
+        )
+        schedules = api.get(f"/deployments/{dep_id}").raise_for_status().json()["schedules"]
+        assert [s["schedule"]["cron"] for s in schedules] == [s["cron"] for s in hourly["schedules"]]
+        tick = api.post(f"/deployments/{dep_id}/create_flow_run", json={}).raise_for_status().json()["id"]
+
+    home = team_root / "prefect_worker_home"
+    home.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server.url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+    }
+    cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
+           "--run-once"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=env, cwd=team_root, capture_output=True, text=True, timeout=300)
+    (team_root / "worker_run_once.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with httpx.Client(base_url=prefect_server.url, timeout=30) as api:
+        state = api.get(f"/flow_runs/{tick}").raise_for_status().json()["state_type"]
+    assert state == "COMPLETED", (proc.stdout + proc.stderr)[-3000:]
+    new = [r for r in _runs_of(prefect_server, quantize_deployment) if r["id"] not in before]
+    assert len(new) == 1 and new[0]["parameters"] == {"base_weights": str(weights)}
