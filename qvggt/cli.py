@@ -231,6 +231,10 @@ def bench(
     width: int = 518,
     preset: Annotated[str | None, typer.Option(help="Model preset (default vggt-1b on a GPU, tiny on CPU).")] = None,
     kernels: Annotated[bool, typer.Option(help="Run the per-kernel section (GPU only).")] = True,
+    retention_checkpoint: Annotated[
+        Path | None, typer.Option(help="Trained checkpoint for the accuracy-retention section ('' to skip).")
+    ] = Path("models/small/model.safetensors"),
+    retention_scenes: int = 8,
     seed: int = 0,
 ) -> None:
     """Benchmark the published path, the bf16 fused engine and each quantized config (latency, memory, fidelity)."""
@@ -241,8 +245,13 @@ def bench(
 
     try:
         frame_list = [int(f) for f in frames.split(",") if f.strip()]
+        if retention_checkpoint is not None and str(retention_checkpoint) in ("", "."):
+            retention_checkpoint = None
+        if retention_checkpoint is not None and not retention_checkpoint.is_file():
+            raise ValueError(f"retention checkpoint not found: {retention_checkpoint} (pass '' to skip that section)")
         doc = run_bench(
-            out, parse_configs(configs), frame_list, height, width, preset, kernels, seed=seed,
+            out, parse_configs(configs), frame_list, height, width, preset, kernels,
+            retention_checkpoint=retention_checkpoint, retention_scenes=retention_scenes, seed=seed,
             command="qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo,
         )  # fmt: skip
     except ValueError as exc:

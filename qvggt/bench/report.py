@@ -60,6 +60,27 @@ def _gemm_table(doc: dict) -> list[str]:
     return lines
 
 
+def _retention_table(ret: dict) -> list[str]:
+    metrics = list(next(iter(ret["metrics"].values())))
+    lines = [
+        (
+            f"## Accuracy retention on {ret['checkpoint']} ({ret['scenes']} held-out synthetic scenes, "
+            f"{ret['frames']} frames; reference fp32)"
+        ),
+        "",
+        "| config | " + " | ".join(metrics) + " | pose AUC@30 retention (paired 95% CI of the difference) |",
+        "|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for name, values in ret["metrics"].items():
+        cmp = ret["vs_fp32"].get(name, {}).get("pose_auc@30", {})
+        rtn = _f(cmp.get("retention"), ".1f") + "%" if cmp.get("retention") is not None else "-"
+        if "low" in cmp:
+            rtn += f" ({cmp['low']:+.2f}..{cmp['high']:+.2f})"
+        cells = " | ".join(_f(values.get(k), ".4g") for k in metrics)
+        lines.append(f"| {name} | {cells} | {rtn} |")
+    return lines
+
+
 def render_markdown(doc: dict) -> str:
     """The benchmark document as markdown: environment, ceilings, kernel tables, model table."""
     env = doc.get("env", {})
@@ -80,6 +101,8 @@ def render_markdown(doc: dict) -> str:
     for title, lines in (("Models", _model_table(doc)), ("GEMMs", _gemm_table(doc))):
         if lines:
             out += ["", f"## {title}", "", *lines]
+    if doc.get("retention"):
+        out += ["", *_retention_table(doc["retention"])]
     if doc.get("layernorm"):
         bw = (doc.get("ceilings") or {}).get("copy_gbps")
         out += ["", "## LayerNorm -> quantization", "", "| kernel | M x K | ms | GB/s | % of copy bandwidth |",

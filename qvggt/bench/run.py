@@ -51,6 +51,8 @@ def run_bench(
     kernels: bool = True,
     gemm_tokens: tuple[int, ...] = (16_656, 33_312),
     fidelity_frames: int = 8,
+    retention_checkpoint: Path | None = None,
+    retention_scenes: int = 8,
     seed: int = 0,
     command: str = "",
     log: Callable[[str], None] = print,
@@ -63,6 +65,9 @@ def run_bench(
         kernels: also run the per-kernel section (CUDA only).
         gemm_tokens: token counts of the GEMM section (16,656 / 33,312 = 16 / 32 frames of 1,041 tokens).
         fidelity_frames: frames of the fidelity comparison against fp32.
+        retention_checkpoint: a trained checkpoint (e.g. the small model) on which each config's accuracy
+            retention is measured (``qvggt.bench.retention``); None skips that section.
+        retention_scenes: held-out synthetic scenes of the retention section.
 
     Returns:
         The JSON document written to ``bench.json``.
@@ -104,6 +109,16 @@ def run_bench(
         except Exception as exc:  # noqa: BLE001  (the attention kernel is optional; record why it is absent)
             doc["attention_error"] = repr(exc)[:300]
         log(f"kernel section: {time.perf_counter() - t0:.0f} s")
+        _write(out_dir, doc)
+
+    if retention_checkpoint is not None:
+        from qvggt.bench.retention import bench_retention
+
+        t0 = time.perf_counter()
+        doc["retention"] = bench_retention(
+            retention_checkpoint, configs, out_dir / "retention", device, scenes=retention_scenes
+        )
+        log(f"retention section ({retention_checkpoint}): {time.perf_counter() - t0:.0f} s")
         _write(out_dir, doc)
 
     t0 = time.perf_counter()

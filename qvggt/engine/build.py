@@ -83,8 +83,14 @@ class Engine(nn.Module):
         return out
 
     @torch.inference_mode()
-    def forward(self, images: Tensor, query_points: Tensor | None = None) -> dict:
-        """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1] -> the VGGT prediction dict."""
+    def forward(self, images: Tensor, query_points: Tensor | None = None, *, dtype: torch.dtype | None = None) -> dict:
+        """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1] -> the VGGT prediction dict.
+
+        ``dtype`` exists so an Engine can stand in for a VGGT (``model(images, dtype=...)``); the engine's precision
+        is fixed when it is built (bf16 activations, its layers' formats), so only None or bfloat16 are accepted.
+        """
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f"the engine runs in bfloat16 (set when it was built); got dtype={dtype}")
         return self.model(
             images.to(torch.bfloat16), query_points, dtype=torch.bfloat16, keep_all_layers=False,
             frames_chunk_size=self.options.frames_chunk_size,

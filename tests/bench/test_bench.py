@@ -6,26 +6,31 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qvggt.bench.configs import BENCH_CONFIGS, parse_configs
 from qvggt.bench.report import render_markdown
 from qvggt.cli import app
+from qvggt.model import load_vggt, save_checkpoint
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path is what a GPU-less machine runs")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path is what a GPU-less machine runs")
 def test_bench_on_cpu_writes_results_and_says_no_gpu(tmp_path: Path) -> None:
+    """The whole command on CPU; the retention section uses a tiny checkpoint (the default is the small model)."""
     out = tmp_path / "bench"
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "tiny.safetensors")
     r = CliRunner().invoke(
-        app, ["bench", "--out", str(out), "--frames", "1,2", "--configs", "published,bf16-fused,w4a8-int8",
-              "--height", "56", "--width", "84"],
+        app, ["bench", "--out", str(out), "--frames", "1,2", "--configs", "published,w4a8-int8",
+              "--height", "56", "--width", "84", "--retention-scenes", "1", "--retention-checkpoint", str(ckpt)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "NO GPU" in r.output
     doc = json.loads((out / "bench.json").read_text())
     assert doc["gpu"] is False and doc["preset"] == "tiny" and "notice" in doc
     models = {(m["config"], m["frames"]): m for m in doc["models"]}
-    assert set(models) == {(c, f) for c in ("published", "bf16-fused", "w4a8-int8") for f in (1, 2)}
+    assert set(models) == {(c, f) for c in ("published", "w4a8-int8") for f in (1, 2)}
     for m in models.values():
         assert m["error"] is None and m["median_ms"] > 0 and m["weight_gb"] > 0
     # The published path is the fp32 model under bf16 autocast: close to fp32, never identical to the int4 model.
@@ -33,9 +38,16 @@ def test_bench_on_cpu_writes_results_and_says_no_gpu(tmp_path: Path) -> None:
     assert fid["published"] < fid["w4a8-int8"] < 0.1
     # Engine configs ran on the twins (no CUDA), and the counters prove it.
     assert models[("w4a8-int8", 1)]["kernels"]["fallback"]["scaled_gemm"] > 0
-    assert (out / "bench_models.jsonl").read_text().count("\n") == 6
+    assert (out / "bench_models.jsonl").read_text().count("\n") == 4
     md = (out / "bench.md").read_text()
     assert "CPU reference path" in md and "| w4a8-int8 | 2 |" in md
+    # Accuracy retention of the same configs on the trained small model, fp32 as the reference.
+    ret = doc["retention"]
+    assert ret["checkpoint"] == str(ckpt) and ret["scenes"] == 1
+    assert list(ret["metrics"]) == ["fp32", "published", "w4a8-int8"]
+    assert ret["metrics"]["fp32"]["fid_rel_l2_depth"] is None  # the reference has no fidelity to itself
+    assert 0 < ret["metrics"]["published"]["fid_rel_l2_depth"] < ret["metrics"]["w4a8-int8"]["fid_rel_l2_depth"] < 0.05
+    assert "Accuracy retention on" in md
 
 
 @pytest.mark.parametrize(
@@ -44,6 +56,7 @@ def test_bench_on_cpu_writes_results_and_says_no_gpu(tmp_path: Path) -> None:
         (["--frames", "0"], "positive"),
         (["--configs", "w3a3"], "unknown bench config"),
         (["--height", "50"], "multiples of 14"),
+        (["--retention-checkpoint", "missing.safetensors"], "retention checkpoint not found"),
     ],
 )
 def test_bench_bad_input_fails_with_the_fix(tmp_path: Path, args: list[str], message: str) -> None:
