@@ -7,6 +7,7 @@ float one) straight into an engine on a device. Imports only torch (+ triton ins
 from __future__ import annotations
 
 from qvggt.engine.build import Engine, EngineOptions, build_engine, kernel_call_counts, reset_kernel_call_counts
+from qvggt.engine.load import load_quantized
 from qvggt.engine.operands import UnsupportedLayerError
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "UnsupportedLayerError",
     "build_engine",
     "kernel_call_counts",
+    "load_quantized",
     "reset_kernel_call_counts",
 ]

@@ -137,3 +137,26 @@ def test_engine_options_are_validated() -> None:
         EngineOptions(frames_chunk_size=0)
     with pytest.raises(TypeError, match="VGGT"):
         build_engine(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_load_quantized_checkpoint_into_the_engine(tmp_path) -> None:
+    """``qvggt.load_quantized(path)`` gives an Engine that runs the checkpoint as the reference loader does."""
+    import qvggt
+    from qvggt.model import load_vggt, save_checkpoint
+    from qvggt.quant.command import run_quantize
+    from qvggt.quant.export import load_quantized as load_reference
+
+    torch.manual_seed(0)
+    base = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "base.safetensors")
+    qpath = run_quantize("rtn", 4, 8, tmp_path / "q", base).path
+    engine = qvggt.load_quantized(qpath)
+    frame0 = next(b for b in engine.fused_blocks() if b.name == "aggregator.frame_blocks.0")
+    assert frame0.fc1.int4_k is not None and frame0.fc1.act == "int8"  # int4 operands from the packed file
+    images = torch.rand(1, 2, 3, 56, 84)
+    with torch.no_grad():
+        want = load_reference(qpath)(images)
+    got = engine(images)
+    assert _rel(got["depth"], want["depth"]) < 0.02
+    assert type(qvggt.load_quantized(base)).__name__ == "Engine"  # a float checkpoint: the bf16 fused path
+    with pytest.raises(FileNotFoundError, match="qvggt quantize"):
+        qvggt.load_quantized(tmp_path / "missing.safetensors")
