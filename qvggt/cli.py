@@ -190,6 +190,35 @@ def memory(
             )
 
 
+@app.command("activation-stats")
+def activation_stats(
+    model: Annotated[list[str], typer.Option(help="Model specs to compare (checkpoint or preset:NAME; repeat).")],
+    out: Annotated[Path, typer.Option(help="Output folder: per-model statistics, plots, heavy_tails.md.")] = Path(
+        "runs/activation_stats"
+    ),
+    scenes: Annotated[int, typer.Option(help="Calibration-split synthetic scenes.")] = 8,
+    frames: Annotated[int, typer.Option(help="Frames per scene.")] = 4,
+    plots: Annotated[bool, typer.Option(help="Write per-layer plots.")] = True,
+    params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+) -> None:
+    """Heavy tails of the aggregator's linear inputs (special vs patch tokens) for one or more models."""
+    from qvggt.calib.heavy_tails import heavy_tail_table, measure_heavy_tails
+    from qvggt.config import load_config
+    from qvggt.eval.command import load_model_spec
+    from qvggt.quant.command import calibration_batches
+
+    try:
+        data = load_config(params).data
+        loaded = dict(load_model_spec(spec) for spec in model)
+        hw = next(iter(loaded.values())).cfg.default_image_hw
+        batches, _ = calibration_batches(data, scenes, frames, hw)
+        rows = measure_heavy_tails(loaded, batches, out, plots=plots)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(heavy_tail_table(rows))
+    typer.echo(f"statistics and plots under {out}")
+
+
 @app.command("reproduce-table")
 def reproduce_table_(
     checkpoint: Annotated[Path, typer.Option(help="Float VGGT checkpoint (VGGT-1B for the paper's numbers).")],
