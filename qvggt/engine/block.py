@@ -143,7 +143,9 @@ class FusedBlock(nn.Module):
         if self.attention == "fp8":
             from qvggt.kernels.attention import fp8_attention  # optional kernel module
 
-            out = fp8_attention(q.contiguous(), k.contiguous(), v.contiguous())
+            # Hadamard on q and k ("incoherent processing", as FlashAttention-3): spreads outlier channels before
+            # the fp8 cast; q.k is unchanged in exact arithmetic.
+            out = fp8_attention(q.contiguous(), k.contiguous(), v.contiguous(), hadamard=True)
         else:
             with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
                 out = F.scaled_dot_product_attention(q, k, v)

@@ -160,3 +160,11 @@ def test_load_quantized_checkpoint_into_the_engine(tmp_path) -> None:
     assert type(qvggt.load_quantized(base)).__name__ == "Engine"  # a float checkpoint: the bf16 fused path
     with pytest.raises(FileNotFoundError, match="qvggt quantize"):
         qvggt.load_quantized(tmp_path / "missing.safetensors")
+
+
+def test_fp8_attention_path_stays_close_to_sdpa(block_and_input) -> None:
+    block, x, pos = block_and_input
+    with torch.no_grad():
+        sdpa = FusedBlock(copy.deepcopy(block), "b", attention="sdpa")(x, pos)
+        fp8 = FusedBlock(copy.deepcopy(block), "b", attention="fp8")(x, pos)
+    assert 0 < _rel(fp8, sdpa) < 2e-2
