@@ -11,8 +11,8 @@ Two kernels:
   requires for its B operand.
 * ``_fp8_attn_fwd_kernel``: one program per (BLOCK_M queries, batch*head). Online softmax in float32 in the log2
   domain; ``S = q8 @ k8^T`` on the fp8 tensor cores, scaled by ``q_scale * k_scale * sm_scale * log2(e)``;
-  ``P = exp2(S - m)`` quantized to fp8 as ``P * 256``; ``O += P8 @ v8 * v_scale``; ``O / (l * 256)`` stored in
-  q's dtype. Full key blocks run without masks; only the ragged last block masks its columns.
+  ``P = 256 * exp2(S - m)`` (one FMA and one ex2 per score) quantized to fp8; ``O += P8 @ v8 * v_scale``;
+  ``O / l`` stored in q's dtype. Full key blocks run without masks; only the ragged last block masks its columns.
 
 Twin and specification: ``qvggt.kernels.attention_reference`` (module doc there explains the blockwise twin and
 the factor 256). Kernel vs twin: equal up to float32 summation order and exp2 ulps (and the rare fp8 code of P
@@ -21,6 +21,9 @@ as ``qvggt.kernels.rounding`` does for the other kernels).
 
 Tile configs (fixed, no autotune): ``DEFAULT_CONFIG`` = BLOCK_M 128, BLOCK_N 128, 8 warps (two warpgroups, 64
 query rows each, the wgmma M), 3 pipeline stages (q 8 KB + 3 x (k 8 KB + v 8 KB) = 56 KB of shared memory).
+Compiled ahead of time for sm_90a (tests/kernels/test_fp8_attention.py, no GPU needed): both dots become fp8
+``wgmma`` (m64n128k32 for S, m64n64k32 for P v), loads pipeline through cp.async, 166 registers, no spills; the
+prep runs 8 warps (tf32x3 Hadamard dot, 122 registers, no spills). ``CANDIDATE_CONFIGS`` lists alternatives.
 At head dim 64 the softmax's exp2 throughput, not the tensor cores, bounds this kernel, so larger key blocks
 mainly amortize per-block overhead. ``bench_attention`` can time alternative ``AttentionConfig`` s.
 
@@ -47,6 +50,7 @@ from qvggt.kernels.attention_reference import (
 )
 
 __all__ = [
+    "CANDIDATE_CONFIGS",
     "DEFAULT_CONFIG",
     "FALLBACK_CALLS",
     "KERNEL_CALLS",
@@ -80,7 +84,7 @@ class AttentionConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    prep_warps: int = 4
+    prep_warps: int = 8  # 4 spills registers in the Hadamard dot (ptxas, sm_90a)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -94,6 +98,13 @@ class AttentionConfig:
 
 
 DEFAULT_CONFIG = AttentionConfig()
+# Alternatives for bench_attention(configs=...) on a GPU (all compile spill-free for sm_90a): (128, 64) with 4 warps
+# uses 251 registers (2 CTAs/SM), (64, 64) with 4 warps 126 registers (4 CTAs/SM).
+CANDIDATE_CONFIGS = (
+    DEFAULT_CONFIG,
+    AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+)
 
 
 @dataclass(frozen=True)
@@ -173,8 +184,9 @@ if has_triton():
         x = tl.load(src, mask=in_rows[:, None], other=0.0).to(tl.float32)
         if HADAMARD:
             hm = tl.load(h_ptr + cols[:, None] * D + cols[None, :])
-            # ieee: a tf32 dot would round x to 10 mantissa bits before the fp8 rounding, and the twin is fp32.
-            x = tl.dot(x, hm, input_precision="ieee")
+            # tf32x3 (three tensor-core passes, ~fp32 accurate): plain tf32 would round x to 10 mantissa bits
+            # before the fp8 rounding (the twin is fp32), and "ieee" FMA dots spill registers at 128 x 64 (ptxas).
+            x = tl.dot(x, hm, input_precision="tf32x3")
         ax = tl.abs(x)
         if PER_ROW:
             amax = tl.max(ax, axis=1)  # [BLOCK_T]
@@ -224,14 +236,21 @@ if has_triton():
         kt = tl.load(k_base + (start + offs_n)[None, :] * D + offs_d[:, None])  # [D, BLOCK_N] = k^T tile
         v = tl.load(v_base + offs_d[None, :] * M_pad + (start + offs_n)[:, None])  # [BLOCK_N, D], K-major
         coef = row_coef * tl.load(ks_base + j)  # [BLOCK_M]: q_scale * sm_scale * log2(e) * k_scale
-        s = tl.dot(q, kt) * coef[:, None]
+        s_raw = tl.dot(q, kt)
         if MASKED:
-            s = tl.where((start + offs_n)[None, :] < M, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            s = tl.where((start + offs_n)[None, :] < M, s_raw * coef[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        else:
+            # rowmax(s_raw * coef) == rowmax(s_raw) * coef exactly (coef >= 0 and rounding is monotone): the
+            # scaling then folds into the exp2 argument's FMA below instead of costing a multiply per score.
+            m_new = tl.maximum(m_i, tl.max(s_raw, axis=1) * coef)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_shift = m_new - 8.0  # P_SHIFT: p = 256 * exp2(s - m_new), [0, 1] -> e4m3's range (attention_reference doc)
+        if MASKED:
+            p = tl.exp2(s - m_shift[:, None])
+        else:
+            p = tl.exp2(s_raw * coef[:, None] - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p = p * 256.0  # P_SCALE: [0, 1] -> e4m3's range; a power of two, so exact (attention_reference doc)
         if SOFT_ROUND:
             # The interpreter's fp8 cast rounds half away from zero; GPU's cvt.rn.satfinite is already ties-to-even.
             p = round_to_fp8_grid(p)
@@ -297,7 +316,7 @@ if has_triton():
                 q, row_coef, m_i, l_i, acc, k_base, v_base, ks_base, vs_base, n_full, M, M_pad, offs_n, offs_d,
                 True, SOFT_ROUND, D, BLOCK_N,
             )  # fmt: skip
-        out = acc / (l_i * 256.0)[:, None]
+        out = acc / l_i[:, None]  # the factor 256 is in both acc and l
         b = bh64 // H
         h = bh64 % H
         dst = o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]

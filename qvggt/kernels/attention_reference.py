@@ -10,8 +10,8 @@ The twin does, in float32 and in the same order, every step whose rounding the k
    the kernel multiplies at once, so it costs one scalar multiply per tile).
 2. **Attention**: the kernel's online softmax over key blocks, in the log2 domain. For key block j:
    ``s = (q8 @ k8_j^T) * ((q_scale * sm_scale * log2(e)) * k_scale_j)``, ``m' = max(m, rowmax s)``,
-   ``p = exp2(s - m')``, ``l = l * exp2(m - m') + rowsum p``, ``P8 = fp8(p * 256)``,
-   ``acc = acc * exp2(m - m') + (P8 @ v8_j) * v_scale_j``; finally ``out = acc / (l * 256)``.
+   ``p = exp2(s - (m' - 8))`` (that is, ``256 * exp2(s - m')``), ``l = l * exp2(m - m') + rowsum p``,
+   ``P8 = fp8(p)``, ``acc = acc * exp2(m - m') + (P8 @ v8_j) * v_scale_j``; finally ``out = acc / l``.
 
 Why blockwise and not one explicit softmax over the whole row: P is quantized *relative to the running row max*
 ``m'`` of the blocks seen so far, so the fp8 rounding of an early block differs from what a softmax with the final
@@ -19,8 +19,10 @@ max would give. A twin with a single global softmax would differ from the kernel
 loose to catch a bug; this one differs from it only by float32 summation order, exp2 ulps and the rare fp8 code
 those flip. ``exact_attention`` is the plain float64 softmax both are judged against.
 
-Fixed P factor 256 (not 448): P in [0, 1] maps onto e4m3's normal range [2^-6, 256] just as well (e4m3 has the
-same 3 mantissa bits in every binade), and a power of two makes ``p * 256`` and the final ``/ 256`` exact.
+Fixed P factor 256 = 2^P_SHIFT (not 448): P in [0, 1] maps onto e4m3's normal range [2^-6, 256] just as well
+(e4m3 has the same 3 mantissa bits in every binade), and a power of two can be folded into the exponent: the
+kernel computes ``exp2(fma(s_raw, coef, 8 - m'))`` with no separate multiply per score, and since l sums the same
+scaled p, the factor cancels in ``acc / l`` without ever being divided out.
 
 Shape legend:
     B, H     batch (frames for frame attention, 1 for global attention) and heads
@@ -40,7 +42,7 @@ from torch import Tensor
 from qvggt.kernels.reference import token_quant_ref
 
 __all__ = [
-    "P_SCALE",
+    "P_SHIFT",
     "Fp8AttentionInputs",
     "exact_attention",
     "fp8_attention_prep_ref",
@@ -48,7 +50,7 @@ __all__ = [
     "hadamard",
 ]
 
-P_SCALE = 256.0  # fixed factor mapping softmax probabilities [0, 1] onto e4m3; a power of two, see module doc
+P_SHIFT = 8.0  # P is quantized as 2^P_SHIFT * softmax probability: [0, 1] -> [0, 256] on e4m3 (see module doc)
 LOG2E = 1.4426950408889634
 
 
@@ -114,7 +116,7 @@ def fp8_attention_prep_ref(q: Tensor, k: Tensor, v: Tensor, hadamard_qk: bool, b
 
 
 def _fp8_round(x: Tensor) -> Tensor:
-    """Round float32 x (already in [0, 448]) to the nearest e4m3 value, ties to even; returns float32."""
+    """Round float32 x (here in [0, 256 (1 + 2^-20)]) to the nearest e4m3 value, ties to even; returns float32."""
     return x.to(torch.float8_e4m3fn).float()
 
 
@@ -139,12 +141,12 @@ def fp8_attention_from_quantized_ref(
         s = (q8 @ k8.transpose(-1, -2)) * (row_coef * qi.k_scale[:, :, j : j + 1])[..., None]
         m_new = torch.maximum(m_i, s.amax(-1))
         alpha = torch.exp2(m_i - m_new)
-        p = torch.exp2(s - m_new[..., None])
+        p = torch.exp2(s - (m_new - P_SHIFT)[..., None])  # in [0, 256]
         l_i = l_i * alpha + p.sum(-1)
-        p8 = _fp8_round(p * P_SCALE)
+        p8 = _fp8_round(p)
         acc = acc * alpha[..., None] + (p8 @ v8) * qi.v_scale[:, :, j, None, None]
         m_i = m_new
-    return (acc / (l_i * P_SCALE)[..., None]).to(out_dtype)
+    return (acc / l_i[..., None]).to(out_dtype)
 
 
 def fp8_attention_ref(
