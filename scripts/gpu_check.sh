@@ -32,9 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 echo "== CUDA tests =="
-TESTS="tests/kernels/test_kernels_cuda.py"
-[ -f tests/kernels/test_fp8_attention.py ] && TESTS="$TESTS tests/kernels/test_fp8_attention.py"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -m cuda $TESTS 2>&1 | tee "$OUT/cuda_tests.log"
+timeout "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/quant tests/engine \
+    2>&1 | tee "$OUT/cuda_tests.log"
 test_rc=${PIPESTATUS[0]}
 
 echo "== benchmark =="

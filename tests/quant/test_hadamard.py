@@ -256,7 +256,7 @@ def test_outlier_is_spread() -> None:
     assert torch.allclose(y.abs(), torch.full_like(y, 100.0 / 32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # deselected where there is no GPU (tests/conftest.py); run by scripts/gpu_check.sh
 def test_cuda_matches_cpu() -> None:
     rot = RandomizedHadamard(3072, seed=11)
     x = _randn(16, 3072, dtype=torch.float32)
