@@ -112,6 +112,7 @@ if has_triton():
         W_INT4: tl.constexpr,
         A_SCALE: tl.constexpr,  # 0 none, 1 per row, 2 per row and K group
         W_SCALE: tl.constexpr,  # 0 none, 1 per channel, 2 per channel and K group
+        GROUPED: tl.constexpr,  # A_SCALE == 2 or W_SCALE == 2 (a launcher-computed constexpr: the compiler needs it)
         HAS_BIAS: tl.constexpr,
         GELU: tl.constexpr,
         HAS_GAMMA: tl.constexpr,
@@ -143,9 +144,7 @@ if has_triton():
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask_m = offs_m < M
         mask_n = offs_n < N
-        grouped = (A_SCALE == 2) or (W_SCALE == 2)
-
-        if A_KIND == 1 and not grouped:
+        if A_KIND == 1 and not GROUPED:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -197,7 +196,7 @@ if has_triton():
                     part = tl.dot(a, w, out_dtype=tl.int32)
                 else:
                     part = tl.dot(a, w)
-            if grouped:
+            if GROUPED:
                 g = k0 // BLOCK_K
                 s = part.to(tl.float32)
                 if A_SCALE == 2:
@@ -418,6 +417,7 @@ def scaled_gemm(
         W_INT4=w_int4_k is not None,
         A_SCALE=a_mode,
         W_SCALE=w_mode,
+        GROUPED=a_mode == 2 or w_mode == 2,
         HAS_BIAS=bias is not None,
         GELU=gelu,
         HAS_GAMMA=gamma is not None,

@@ -10,6 +10,7 @@ loads/stores, or speed. The ``cuda`` tests below check those on a GPU (``pytest 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qvggt.kernels import has_triton
+from qvggt.kernels.aot import bundled_ptxas
 from qvggt.kernels.attention_reference import (
     exact_attention,
     fp8_attention_prep_ref,
@@ -260,68 +262,31 @@ def test_launcher_rejects_bad_inputs() -> None:
 # Hopper code generation without a GPU: compile both kernels for sm_90 ahead of time (triton ships ptxas)
 
 _AOT_SCRIPT = r"""
-import os, re, subprocess, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import dataclasses, json
+from qvggt.kernels.aot import compile_for_hopper
 import qvggt.kernels.attention as A
 
-target = GPUTarget("cuda", 90, 32)
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-
-def aligned(fn, names):
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
-
-def ptxas_usage(ptx, tag):
-    path = os.path.join(sys.argv[1], tag + ".ptx")
-    open(path, "w").write(ptx)
-    info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", path + ".cubin"], capture_output=True, text=True)
-    regs = int(re.search(r"Used (\d+) registers", info.stderr).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info.stderr))
-    return regs, spills
-
-fn = A._fp8_attn_fwd_kernel
+cfg = A.DEFAULT_CONFIG
 ptrs = {"q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "k_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "v_ptr": "*fp8e4nv",
         "vs_ptr": "*fp32", "o_ptr": "*bf16"}
 ints = {n: "i32" for n in ("H", "N", "M", "M_pad", "NB", "stride_ob", "stride_oh", "stride_on")}
-sig = {**ptrs, **ints, "qk_coef": "fp32", **{n: "constexpr" for n in ("SOFT_ROUND", "D", "BLOCK_M", "BLOCK_N")}}
-cfg = A.DEFAULT_CONFIG
 const = {"SOFT_ROUND": False, "D": 64, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-attrs = aligned(fn, [*ptrs, "M_pad", "stride_ob", "stride_oh", "stride_on"])
-k = triton.compile(ASTSource(fn, sig, const, attrs), target=target,
-                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-ptx = k.asm["ptx"]
-shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k32)\.f32\.e4m3\.e4m3", ptx)))
-regs, spills = ptxas_usage(ptx, "attn")
-print("ATTN", ",".join(shapes), k.metadata.shared, regs, spills, ptx.count("cp.async"))
-
-fn = A._fp8_quant_kernel
+out = {"ATTN": compile_for_hopper(A._fp8_attn_fwd_kernel, {**ptrs, **ints, "qk_coef": "fp32"}, const,
+                                  [*ptrs, "M_pad", "stride_ob", "stride_oh", "stride_on"], cfg.num_warps,
+                                  cfg.num_stages)}
 names = ["x_ptr", "h_ptr", "out_ptr", "scale_ptr", "stride_xb", "stride_xh", "stride_xt", "stride_ot", "stride_od",
          "H", "T", "T_OUT", "out_bh_stride", "scale_bh_stride"]
 sig = {n: ("*bf16" if n == "x_ptr" else "*fp8e4nv" if n == "out_ptr" else "*fp32" if n.endswith("_ptr") else "i32")
        for n in names}
-sig.update({n: "constexpr" for n in ("PER_ROW", "HADAMARD", "D", "BLOCK_T")})
 for per_row in (True, False):
     const = {"PER_ROW": per_row, "HADAMARD": True, "D": 64, "BLOCK_T": cfg.block_n}
-    k = triton.compile(ASTSource(fn, sig, const, aligned(fn, ["x_ptr", "h_ptr", "out_ptr", "scale_ptr"])),
-                       target=target, options={"num_warps": cfg.prep_warps})
-    regs, spills = ptxas_usage(k.asm["ptx"], f"quant{int(per_row)}")
-    print("QUANT", per_row, regs, spills)
+    out[f"QUANT{per_row}"] = compile_for_hopper(A._fp8_quant_kernel, sig, const,
+                                                ["x_ptr", "h_ptr", "out_ptr", "scale_ptr"], cfg.prep_warps)
+print("JSON" + json.dumps({k: dataclasses.asdict(v) for k, v in out.items()}))
 """
 
 
-def _bundled_ptxas() -> bool:
-    if not has_triton():
-        return False
-    import os
-
-    import triton
-
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
-
-
-@pytest.mark.skipif(torch.cuda.is_available() or not _bundled_ptxas(), reason="CPU-only AOT check; needs ptxas")
+@pytest.mark.skipif(torch.cuda.is_available() or bundled_ptxas() is None, reason="CPU-only AOT check; needs ptxas")
 def test_kernels_compile_for_hopper_with_fp8_wgmma_and_no_spills(tmp_path) -> None:
     """What the interpreter cannot show: the default config lowers to fp8 wgmma for both dots, pipelines its
     loads with cp.async, fits shared memory and compiles without register spills (measured: 166 registers,
@@ -333,7 +298,7 @@ def test_kernels_compile_for_hopper_with_fp8_wgmma_and_no_spills(tmp_path) -> No
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     res = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", _AOT_SCRIPT],
         check=False,
         capture_output=True,
         text=True,
@@ -341,15 +306,15 @@ def test_kernels_compile_for_hopper_with_fp8_wgmma_and_no_spills(tmp_path) -> No
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = {line.split()[0] + ("" if line.startswith("ATTN") else line.split()[1]): line.split()[1:]
-             for line in res.stdout.splitlines() if line.startswith(("ATTN", "QUANT"))}  # fmt: skip
-    shapes, shared, regs, spills, cp_async = lines["ATTN"]
+    reports = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("JSON"))[4:])
+    attn = reports["ATTN"]
     cfg = att.DEFAULT_CONFIG
     # Both dots on fp8 tensor cores: S = q k^T (n = BLOCK_N) and O += P v (n = D = 64).
-    assert set(shapes.split(",")) == {f"m64n{cfg.block_n}k32", "m64n64k32"}
-    assert int(shared) <= 227 * 1024 and int(spills) == 0 and int(regs) <= 255 and int(cp_async) > 0
+    assert set(attn["wgmma"]) == {f"m64n{cfg.block_n}k32.f32.e4m3.e4m3", "m64n64k32.f32.e4m3.e4m3"}
+    assert attn["shared_bytes"] <= 227 * 1024 and attn["spill_bytes"] == 0 and attn["registers"] <= 255
+    assert attn["cp_async"] > 0
     for per_row in ("True", "False"):
-        assert int(lines["QUANT" + per_row][2]) == 0  # no spills in the prep kernel
+        assert reports["QUANT" + per_row]["spill_bytes"] == 0  # no spills in the prep kernel
 
 
 # --------------------------------------------------------------------------------------------------------------
