@@ -55,6 +55,8 @@ class GemmOperand:
         bias: bf16 [N] or None.
         act: the activation kind the layer's input is quantized to ("bf16" = not quantized).
         tiles: the kernel tile configuration the operand was packed for.
+        input_hadamard: block size of the online Hadamard applied to the input before quantization (0: none;
+            the weight already holds the rotation, ``QuantLinear.input_hadamard``).
     """
 
     weight: Tensor
@@ -63,6 +65,7 @@ class GemmOperand:
     bias: Tensor | None
     act: ActKind
     tiles: GemmTiles
+    input_hadamard: int = 0
 
     @property
     def out_features(self) -> int:
@@ -74,7 +77,9 @@ class GemmOperand:
 
     def to(self, device: torch.device | str) -> GemmOperand:
         move = lambda t: None if t is None else t.to(device)
-        return GemmOperand(move(self.weight), move(self.scale), self.int4_k, move(self.bias), self.act, self.tiles)
+        return GemmOperand(
+            move(self.weight), move(self.scale), self.int4_k, move(self.bias), self.act, self.tiles, self.input_hadamard
+        )
 
 
 def _weight_only_to_bf16(layer: QuantLinear) -> Tensor:
@@ -95,6 +100,13 @@ def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
         return GemmOperand(w, None, None, bias, "bf16", default_tiles(torch.bfloat16))
     if not isinstance(layer, QuantLinear):
         raise UnsupportedLayerError(f"{where}: {type(layer).__name__} is neither nn.Linear nor QuantLinear")
+    op = _prepare_quant_linear(layer, where)
+    op.input_hadamard = int(getattr(layer, "input_hadamard", 0))
+    return op
+
+
+def _prepare_quant_linear(layer: QuantLinear, where: str) -> GemmOperand:
+    bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
     fmt = layer.weight_fmt
     act = act_kind(layer.act_fmt, where)
     a_dtype = torch.bfloat16 if act == "bf16" else (torch.float8_e4m3fn if act == "fp8_e4m3" else torch.int8)

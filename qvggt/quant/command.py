@@ -14,7 +14,7 @@ from qvggt.quant.api import QuantSummary, needs_calibration, quantization_summar
 from qvggt.quant.config import Coverage, QuantConfig, RTNConfig, weight_activation_formats
 from qvggt.quant.export import save_quantized
 
-METHODS = ("rtn", "smoothquant")
+METHODS = ("rtn", "smoothquant", "quantvggt")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ def make_config(
         from qvggt.quant.smooth import SmoothQuantConfig
 
         return SmoothQuantConfig(**common)
+    if method == "quantvggt":
+        from qvggt.quant.dsfq import QuantVGGTConfig
+
+        return QuantVGGTConfig(**common)
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 

@@ -57,6 +57,8 @@ def save_quantized(
         "base_sha256": base_sha256,
         "calibration": {"sample_ids": list(calibration_ids), "manifest_sha256": calibration_manifest_sha256},
         "qvggt_version": qvggt.__version__,
+        # Online input rotations (QuantLinear.input_hadamard): module structure a config alone does not rebuild.
+        "input_hadamard": {n: m.input_hadamard for n, m in model.named_modules() if getattr(m, "input_hadamard", 0)},
         "summary": {**asdict(summary), "compression": summary.compression},
     }
     text = json.dumps(manifest, indent=1, sort_keys=True)
@@ -109,5 +111,10 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT
     if missing or unexpected:
         raise ValueError(f"{path} does not match its manifest: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state, assign=True)
+    modules = dict(model.named_modules())
+    for name, block in (manifest.get("input_hadamard") or {}).items():
+        if name not in modules or not hasattr(modules[name], "input_hadamard"):
+            raise ValueError(f"{path}: manifest rotates the input of {name!r}, which is not a quantized Linear")
+        modules[name].input_hadamard = int(block)
     model.qvggt_manifest = manifest
     return model.to(device).eval()

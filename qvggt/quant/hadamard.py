@@ -48,6 +48,7 @@ __all__ = [
     "SMALL_HADAMARD_CONSTRUCTIONS",
     "SMALL_HADAMARD_ORDERS",
     "RandomizedHadamard",
+    "block_hadamard_transform",
     "dense",
     "fwht",
     "hadamard_factors",
@@ -408,3 +409,16 @@ def rotate_linear_output_(linear: nn.Linear, rotation: RandomizedHadamard) -> nn
     if linear.bias is not None:
         linear.bias.copy_(rotation.apply(linear.bias.to(torch.float64)))
     return linear
+
+
+def block_hadamard_transform(x: Tensor, block: int) -> Tensor:
+    """Orthonormal Hadamard transform of each consecutive block of ``block`` channels of the last dim.
+
+    x [..., K] with K a multiple of ``block`` (a power of two) -> same shape and dtype. The block-diagonal
+    rotation blockdiag(H_b, ..., H_b) / sqrt(b) is symmetric and its own inverse. A block of 128 matches a GEMM's
+    output tile, so the engine can apply it to a tile in the epilogue before quantizing.
+    """
+    k = x.shape[-1]
+    if block <= 0 or block & (block - 1) or k % block:
+        raise ValueError(f"block Hadamard needs a power-of-two block dividing the width {k}, got {block}")
+    return hadamard_transform(x.reshape(*x.shape[:-1], k // block, block)).reshape(x.shape)

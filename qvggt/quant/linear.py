@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvggt.quant.formats import Granularity, QuantFormat
+from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.packing import pack_int4, unpack_int4
 from qvggt.quant.quantizer import ClipRatio, compute_scales, dequantize, fake_quantize, quantize
 
@@ -155,6 +156,10 @@ class QuantLinear(_QuantWeight):
         if act_fmt is not None and act_fmt.granularity is Granularity.CHANNEL:
             raise ValueError(f"act_fmt {act_fmt.name}: dynamic activation scales must be per token, group or tensor")
         self.in_features, self.out_features, self.act_fmt = in_features, out_features, act_fmt
+        # Online rotation of the input (0: none): x -> block_hadamard_transform(x, input_hadamard) before the
+        # activation is quantized; the stored weight is already rotated (W Hb), so the product is unchanged.
+        # Set by methods that rotate inputs no preceding op can absorb (quantvggt on fc2); saved in the manifest.
+        self.input_hadamard = 0
         self._init_storage(out_features, in_features, weight_fmt, dtype, device, f"Linear({in_features}, ...)")
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -203,6 +208,8 @@ class QuantLinear(_QuantWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B..., K] float -> [B..., N] in x's dtype."""
+        if self.input_hadamard:
+            x = block_hadamard_transform(x, self.input_hadamard)
         if self.act_fmt is not None and x.numel():  # an empty batch has no range to quantize
             x = fake_quantize(x, self.act_fmt)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -210,9 +217,10 @@ class QuantLinear(_QuantWeight):
 
     def extra_repr(self) -> str:
         act = self.act_fmt.name if self.act_fmt is not None else "none (weight-only)"
+        rot = f", input_hadamard={self.input_hadamard}" if self.input_hadamard else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight={self.weight_fmt.name} ({self._storage_repr()}), act={act}"
+            f"weight={self.weight_fmt.name} ({self._storage_repr()}), act={act}{rot}"
         )
 
 

@@ -1,0 +1,162 @@
+"""``quantvggt``: QuantVGGT's Dual-Smoothed Fine-Grained Quantization (DSFQ), built from exact folds.
+
+The paper's recipe, per aggregator block: a Hadamard rotation ("pre-global") spreads the heavy-tailed channels that
+the camera and register tokens create over all channels, then a per-channel smoothing ("post-local") balances what
+is left between activations and weights, then fine-grained scales (per-token activations, per-channel weights with
+a min-MSE clipping search). The published code applies a dense fp32 Hadamard matrix online before every Linear
+(about 3.8 GB of matrices, slower than full precision). Here every rotation is either folded into weights (free at
+inference) or a block-diagonal Hadamard the engine can apply inside a GEMM epilogue:
+
+    proj   per-head Hadamard H_d (d = head dim) folded into the V rows of qkv (W_v <- H W_v, b_v <- b_v H) and the
+           columns of proj (W <- W H): attention mixes tokens within a head, so o_h H = A_h (V_h H). Exact.
+    fc2    online block Hadamard of ``fc2_rotation_block`` channels on its input (GELU blocks any fold), stored
+           weight W Hb: ``QuantLinear.input_hadamard`` records it; the checkpoint manifest keeps it.
+    qkv,   no rotation: their input is LayerNorm's output, which a rotation does not commute with (a residual-
+    fc1    stream rotation needs LayerNorm turned into RMSNorm by rewriting every block, QuaRot's route: future
+           work). They get the smoothing, folded into LayerNorm's affine, as proj does into the V rows.
+
+Then SmoothQuant's calibration (statistics of the *rotated* activations against the *rotated* weights: the
+published code's numerator/denominator mismatch is avoided by construction) and RTN with ``clip_search``.
+
+The published code also learns clipping and smoothing by block-wise reconstruction (15 epochs of AdamW per block);
+that stage is not implemented here: a documented gap, see docs/QUANTIZATION.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from qvggt.model.layers import Block
+from qvggt.quant.api import QuantizeHandler, register_quantize_handler
+from qvggt.quant.config import QuantConfig
+from qvggt.quant.coverage import FilterFn, plan_layers
+from qvggt.quant.hadamard import block_hadamard_transform, hadamard_transform
+from qvggt.quant.linear import QuantLinear
+from qvggt.quant.smooth import SmoothQuantConfig, SmoothQuantHandler
+
+__all__ = ["QuantVGGTConfig", "rotate_fc2_input_", "rotate_heads_"]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class QuantVGGTConfig(SmoothQuantConfig):
+    """DSFQ (module docstring). Fields of ``SmoothQuantConfig`` plus:
+
+    Attributes:
+        head_rotation: fold a per-head Hadamard into V / proj before smoothing.
+        fc2_rotation_block: block size of fc2's online input Hadamard (a power of two dividing the MLP width;
+            128 matches the engine's GEMM tile), or 0 for none.
+        clip_search: min-MSE weight clipping (on by default here: the "fine-grained" part of the recipe).
+    """
+
+    HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
+
+    head_rotation: bool = True
+    fc2_rotation_block: int = 128
+    clip_search: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        b = self.fc2_rotation_block
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0 or (b and b & (b - 1)):
+            raise ValueError(f"QuantVGGTConfig.fc2_rotation_block must be 0 or a power of two, got {b!r}")
+        if not isinstance(self.head_rotation, bool):
+            raise ValueError(f"QuantVGGTConfig.head_rotation must be a bool, got {self.head_rotation!r}")  # noqa: TRY004
+
+
+def _blocks(model: nn.Module) -> dict[str, Block]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Block)}
+
+
+@torch.no_grad()
+def rotate_heads_(block: Block) -> None:
+    """Fold a per-head orthonormal Hadamard into the V rows of ``attn.qkv`` and the input columns of ``attn.proj``.
+
+    The block computes the same function (exactly, up to rounding): o_h H = softmax(q_h k_h^T) (V_h H).
+    """
+    attn = block.attn
+    h, d = attn.num_heads, attn.head_dim
+    c = h * d
+    qkv, proj = attn.qkv, attn.proj
+    w_v = qkv.weight[2 * c :]  # [C, C_in] rows of V
+    w_v.copy_(hadamard_transform(w_v.double().reshape(h, d, -1), dim=1).reshape(w_v.shape).to(w_v.dtype))
+    if qkv.bias is not None:
+        b_v = qkv.bias[2 * c :]
+        b_v.copy_(hadamard_transform(b_v.double().reshape(h, d)).reshape(b_v.shape).to(b_v.dtype))
+    w = proj.weight  # [C_out, C]
+    w.copy_(hadamard_transform(w.double().reshape(w.shape[0], h, d)).reshape(w.shape).to(w.dtype))
+
+
+@torch.no_grad()
+def rotate_fc2_input_(linear: nn.Linear, block: int) -> RemovableHandle:
+    """Rotate ``linear``'s weight by the block Hadamard (W <- W Hb) and rotate its inputs online with a forward
+    pre-hook, so the float model keeps its function during calibration. Returns the hook's handle."""
+    w = linear.weight
+    w.copy_(block_hadamard_transform(w.double(), block).to(w.dtype))
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (block_hadamard_transform(args[0], block), *args[1:])
+
+    return linear.register_forward_pre_hook(hook)
+
+
+@dataclass
+class _DSFQState:
+    smooth: Any
+    hooks: list[RemovableHandle]
+    fc2_names: list[str]
+
+
+@register_quantize_handler(QuantVGGTConfig)
+class QuantVGGTHandler(QuantizeHandler):
+    """prepare: rotations (folded; fc2 online via a hook), then SmoothQuant's statistics hooks;
+    convert: smoothing + RTN with clip search, then fc2's QuantLinears record their online rotation."""
+
+    needs_calibration = True
+
+    def prepare(self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> _DSFQState:
+        assert isinstance(config, QuantVGGTConfig)
+        plans = plan_layers(model, config.coverage, config.weight, config.activation, config.layer_overrides, filter_fn)
+        hooks: list[RemovableHandle] = []
+        fc2_names: list[str] = []
+        try:
+            for name, block in _blocks(model).items():
+                planned = {n[len(name) + 1 :] for n in plans if n.startswith(name + ".")}
+                if config.head_rotation and {"attn.qkv", "attn.proj"} <= planned:
+                    rotate_heads_(block)
+                fc2 = block.mlp.fc2
+                b = config.fc2_rotation_block
+                if b and "mlp.fc2" in planned and fc2.in_features % b == 0:
+                    hooks.append(rotate_fc2_input_(fc2, b))
+                    fc2_names.append(f"{name}.mlp.fc2")
+            smooth = SmoothQuantHandler().prepare(model, config, filter_fn)
+        except Exception:
+            for h in hooks:
+                h.remove()
+            raise
+        return _DSFQState(smooth, hooks, fc2_names)
+
+    def convert(
+        self, model: nn.Module, config: QuantConfig, state: Any, filter_fn: FilterFn | None = None
+    ) -> nn.Module:
+        assert isinstance(config, QuantVGGTConfig) and isinstance(state, _DSFQState)
+        for h in state.hooks:
+            h.remove()
+        state.hooks.clear()
+        SmoothQuantHandler().convert(model, config, state.smooth, filter_fn)
+        modules = dict(model.named_modules())
+        for name in state.fc2_names:
+            q = modules[name]
+            assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
+            q.input_hadamard = config.fc2_rotation_block
+        return model
+
+    def release(self, model: nn.Module, state: Any) -> None:
+        if isinstance(state, _DSFQState):
+            for h in state.hooks:
+                h.remove()
+            SmoothQuantHandler().release(model, state.smooth)
