@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -114,8 +115,10 @@ def plan_layers(
         ``{name: LayerPlan}`` in module order, without the layers overridden to None.
 
     Raises:
-        ValueError: an override key that matches no selected layer (naming it), a group size that does not divide
-            a Linear's in_features (naming the layer and the width), or nothing selected at all.
+        ValueError: an override key that matches no selected layer (naming it), a group size that divides no
+            selected Linear's in_features (naming the layers and widths), or nothing selected at all. Where the
+            group size divides some layers but not others, the others fall back to per-channel weight scales
+            (per-token activation scales) with a warning naming them.
     """
     overrides = dict(layer_overrides or {})
     selected = select_linears(model, coverage)
@@ -149,13 +152,27 @@ def plan_layers(
             plans[name] = LayerPlan(module, fmt, None)
             continue
         k = _in_features(module)
-        for role, f in (("weight", fmt), ("activation", activation)):
-            if f is not None and f.granularity is Granularity.GROUP and k % f.group_size:  # type: ignore[operator]
-                bad.append(f"{name} ({role} {f.name}: in_features {k} is not divisible by {f.group_size})")
-        plans[name] = LayerPlan(module, fmt, activation)
+        act = activation
+        if fmt.granularity is Granularity.GROUP and k % fmt.group_size:  # type: ignore[operator]
+            bad.append(f"{name} (weight {fmt.name}: in_features {k} is not divisible by {fmt.group_size})")
+            fmt = dataclasses.replace(fmt, granularity=Granularity.CHANNEL, group_size=None)
+        if act is not None and act.granularity is Granularity.GROUP and k % act.group_size:  # type: ignore[operator]
+            bad.append(f"{name} (activation {act.name}: in_features {k} is not divisible by {act.group_size})")
+            act = dataclasses.replace(act, granularity=Granularity.TOKEN, group_size=None)
+        plans[name] = LayerPlan(module, fmt, act)
     if bad:
         shown = "; ".join(bad[:8]) + (f"; ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise ValueError(f"group size does not divide the layer width for {len(bad)} layer(s): {shown}")
+        linears = sum(isinstance(p.module, nn.Linear) for p in plans.values())
+        fell_back = len({b.split(" ", 1)[0] for b in bad})
+        if fell_back == linears:  # the group size fits no layer at all: a wrong setting, not an odd layer
+            raise ValueError(f"group size does not divide the layer width for {len(bad)} layer(s): {shown}")
+        # A few odd widths (vggt-1b's 9-wide camera-head input, 567-wide heads under "full" coverage): those
+        # layers use per-channel (weights) / per-token (activations) scales instead; the quantization summary's
+        # format counts show them.
+        warnings.warn(
+            f"group size does not divide {fell_back} layer(s); they fall back to per-channel/per-token scales: {shown}",
+            stacklevel=2,
+        )
     return plans
 
 

@@ -171,3 +171,22 @@ def test_quantized_model_state_dict_round_trip(images: torch.Tensor) -> None:
             again = loaded(images)
         for k in OUTPUTS:
             assert torch.equal(again[k], out[k]), k
+
+
+def test_group_size_falls_back_per_layer_where_it_does_not_divide() -> None:
+    """vggt-1b, full coverage, int4 group 128: the few odd widths (camera-head input 9, DPT 567...) fall back to
+    per-channel scales with a warning naming them; every other layer keeps its groups."""
+    from qvggt.model import build_model, get_preset
+    from qvggt.quant.coverage import plan_layers
+    from qvggt.quant.formats import Granularity, parse_format
+
+    model = build_model(get_preset("vggt-1b"), "meta")
+    with pytest.warns(UserWarning, match="fall back to per-channel") as record:
+        plans = plan_layers(model, "full", parse_format("int4-sym-group128"), None)
+    message = str(record[0].message)
+    linears = {n: p for n, p in plans.items() if not p.is_conv}
+    channel = {n for n, p in linears.items() if p.weight.granularity is Granularity.CHANNEL}
+    assert channel and len(channel) < 0.1 * len(linears)
+    assert all(linears[n].module.in_features % 128 for n in channel)
+    assert all(p.weight.group_size == 128 for n, p in linears.items() if n not in channel)
+    assert next(iter(sorted(channel))) in message or "more" in message
