@@ -178,10 +178,14 @@ class FusedBlock(nn.Module):
             o = self._attend(qkv, batch, tokens, pos)
             xf = self._gemm(self._quant_in(o, self.proj), self.proj, gamma=self.gamma1, residual=xf)
             h = self._norm_in(xf, self.norm2, self.fc1)
-            # fc1's epilogue quantizes its output for fc2 per (token, 128 columns), unless fc2's input is rotated
-            # online first (quantvggt): then the rotation runs between them (a separate pass, for now).
-            fused_handoff = self.fc2.act != "bf16" and not self.fc2.input_hadamard
-            f = self._gemm(h, self.fc1, gelu=True, out_quant=self.fc2.act if fused_handoff else None)
+            # fc1's epilogue quantizes its output for fc2 per (token, 128 columns), after rotating each tile by
+            # fc2's online block Hadamard when there is one (quantvggt) and it matches the tile width.
+            rot = self.fc2.input_hadamard
+            fused_handoff = self.fc2.act != "bf16" and rot in (0, self.fc1.tiles.block_n)
+            f = self._gemm(
+                h, self.fc1, gelu=True, out_quant=self.fc2.act if fused_handoff else None,
+                out_hadamard=fused_handoff and rot > 0,
+            )  # fmt: skip
             f = f if fused_handoff else self._quant_in(f, self.fc2)
             xf = self._gemm(f, self.fc2, gamma=self.gamma2, residual=xf)
         return xf.view(batch, tokens, dim)

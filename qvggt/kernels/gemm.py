@@ -98,6 +98,7 @@ if has_triton():
         res_ptr,
         out_ptr,
         out_scale_ptr,
+        had_ptr,
         M,
         N,
         K,
@@ -117,6 +118,7 @@ if has_triton():
         GELU: tl.constexpr,
         HAS_GAMMA: tl.constexpr,
         HAS_RES: tl.constexpr,
+        OUT_HADAMARD: tl.constexpr,  # rotate each row's BLOCK_N-column tile by H / sqrt(BLOCK_N) before the store
         OUT_QUANT: tl.constexpr,  # 0 float out, 1 int8 codes, 2 fp8 codes (+ scale per row and N tile)
         OUT_QMAX: tl.constexpr,
         TINY: tl.constexpr,
@@ -223,6 +225,13 @@ if has_triton():
             y = y + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(
                 tl.float32
             )
+        if OUT_HADAMARD:
+            # The next layer's online input rotation (block Hadamard of BLOCK_N channels) on the tile in registers;
+            # tf32x3 (hi + lo tf32 parts of each operand) keeps the product near fp32 accuracy.
+            offs_h = tl.arange(0, BLOCK_N)
+            had = tl.load(had_ptr + offs_h[:, None] * BLOCK_N + offs_h[None, :])
+            y = tl.where(mask, y, 0.0)
+            y = tl.dot(y, had, input_precision="tf32x3")
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         if OUT_QUANT == 0:
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -275,6 +284,19 @@ def unpack_int4_blocked(packed: Tensor, k: int, block_k: int = 128) -> Tensor:
     return ((codes ^ 8) - 8).to(torch.int8)[:, :k]
 
 
+_HADAMARD: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _hadamard_matrix(n: int, device: torch.device) -> Tensor:
+    """The orthonormal Hadamard matrix of order n (float32 [n, n], Sylvester), cached per device."""
+    key = (n, device)
+    if key not in _HADAMARD:
+        from qvggt.quant.hadamard import hadamard_transform
+
+        _HADAMARD[key] = hadamard_transform(torch.eye(n, dtype=torch.float32)).to(device).contiguous()
+    return _HADAMARD[key]
+
+
 def _a_kind(a: Tensor) -> int:
     if a.dtype in (torch.bfloat16, torch.float16):
         return 0
@@ -311,6 +333,7 @@ def scaled_gemm(
     residual: Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     out_quant: OutQuant | None = None,
+    out_hadamard: bool = False,
     w_int4_k: int | None = None,
     tiles: GemmTiles | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -327,6 +350,9 @@ def scaled_gemm(
         out_dtype: dtype of a float output.
         out_quant: None, or "int8" / "fp8_e4m3" / "int4" (4-bit grid, int8 codes): return (codes [M, N], scales
             float32 [M, cdiv(N, block_n)]).
+        out_hadamard: rotate the output by the block Hadamard of ``tiles.block_n`` channels (orthonormal) before
+            storing or quantizing it: the next layer's online input rotation (``QuantLinear.input_hadamard``),
+            fused. Needs N to be a multiple of block_n.
         w_int4_k: K when ``w`` is int4-packed.
         tiles: tile configuration (``default_tiles(a.dtype)`` by default).
 
@@ -370,6 +396,8 @@ def scaled_gemm(
             raise ValueError(f"{name} must have shape {shape} on {a.device}, got {tuple(t.shape)} on {t.device}")
     if out_quant not in (None, *_OUT_QMAX):
         raise ValueError(f"out_quant must be None, 'int8', 'fp8_e4m3' or 'int4', got {out_quant!r}")
+    if out_hadamard and n % tiles.block_n:
+        raise ValueError(f"out_hadamard rotates blocks of {tiles.block_n} channels: N={n} is not a multiple")
     for name, t in (("a", a), ("w", w), ("residual", residual)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride along its last dim; call .contiguous()")
@@ -381,8 +409,8 @@ def scaled_gemm(
         FALLBACK_CALLS["scaled_gemm"] += 1
         return scaled_gemm_ref(
             a, w, a_scale=a_scale, w_scale=w_scale, bias=bias, gelu=gelu, gamma=gamma, residual=residual,
-            out_dtype=out_dtype, out_quant=out_quant, w_int4_k=w_int4_k, block_k=tiles.block_k,
-            block_n=tiles.block_n,
+            out_dtype=out_dtype, out_quant=out_quant, out_hadamard=out_hadamard, w_int4_k=w_int4_k,
+            block_k=tiles.block_k, block_n=tiles.block_n,
         )  # fmt: skip
     KERNEL_CALLS["scaled_gemm"] += 1
     if out_quant is None:
@@ -403,6 +431,7 @@ def scaled_gemm(
         residual if residual is not None else dummy,
         out,
         out_scale,
+        _hadamard_matrix(tiles.block_n, a.device) if out_hadamard else dummy,
         m,
         n,
         k,
@@ -422,6 +451,7 @@ def scaled_gemm(
         GELU=gelu,
         HAS_GAMMA=gamma is not None,
         HAS_RES=residual is not None,
+        OUT_HADAMARD=out_hadamard,
         OUT_QUANT=0 if out_quant is None else (2 if out_quant == "fp8_e4m3" else 1),
         OUT_QMAX=_OUT_QMAX.get(out_quant, 1.0),
         TINY=_TINY,

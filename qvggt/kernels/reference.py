@@ -111,6 +111,7 @@ def scaled_gemm_ref(
     residual: Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     out_quant: TokenQuantFormat | None = None,
+    out_hadamard: bool = False,
     w_int4_k: int | None = None,
     block_k: int = 128,
     block_n: int = 128,
@@ -136,6 +137,10 @@ def scaled_gemm_ref(
         y = y * gamma.float()
     if residual is not None:
         y = y + residual.float()
+    if out_hadamard:
+        from qvggt.quant.hadamard import block_hadamard_transform
+
+        y = block_hadamard_transform(y, block_n)
     if out_quant is None:
         return y.to(out_dtype)
     m, n = y.shape

@@ -33,16 +33,19 @@ import qvggt.kernels.qk_rope as R
 
 TINY = torch.finfo(torch.float32).tiny
 INTS = ["M", "N", "K", "stride_am", "stride_wn", "stride_asm", "stride_wsn", "stride_rm", "stride_om", "stride_osm"]
-PTRS = ["a_ptr", "w_ptr", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "gamma_ptr", "res_ptr", "out_ptr", "out_scale_ptr"]
+PTRS = ["a_ptr", "w_ptr", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "gamma_ptr", "res_ptr", "out_ptr", "out_scale_ptr",
+        "had_ptr"]
 out = {}
 
 def gemm(name, a, w, o, a_kind, int4, a_scale, w_scale, **epi):
     tiles = G.default_tiles(torch.bfloat16 if a == "bf16" else torch.int8)
     sig = {"a_ptr": "*" + a, "w_ptr": "*" + w, "out_ptr": "*" + o, "bias_ptr": "*bf16", "gamma_ptr": "*bf16",
-           "res_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "out_scale_ptr": "*fp32"}
+           "res_ptr": "*bf16", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "out_scale_ptr": "*fp32",
+           "had_ptr": "*fp32"}
     sig.update({n: "i32" for n in INTS})
     const = dict(A_KIND=a_kind, W_INT4=int4, A_SCALE=a_scale, W_SCALE=w_scale, GROUPED=2 in (a_scale, w_scale),
-                 HAS_BIAS=True, GELU=False, HAS_GAMMA=False, HAS_RES=False, OUT_QUANT=0, OUT_QMAX=448.0, TINY=TINY,
+                 HAS_BIAS=True, GELU=False, HAS_GAMMA=False, HAS_RES=False, OUT_HADAMARD=False, OUT_QUANT=0,
+                 OUT_QMAX=448.0, TINY=TINY,
                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m)
     const.update(epi)
     aligned = PTRS + ["K", "N", "stride_am", "stride_wn", "stride_rm", "stride_om"]
@@ -60,6 +63,10 @@ gemm("int8 fc2 (1x128 act scales)", "i8", "i8", "bf16", 1, False, 2, 1, HAS_GAMM
 gemm("w4a8-fp8 qkv", "fp8e4nv", "u8", "bf16", 2, True, 1, 1)
 gemm("w4a8-int8 fc1 -> int8", "i8", "u8", "i8", 1, True, 1, 1, GELU=True, OUT_QUANT=1, OUT_QMAX=127.0)
 gemm("w4a8-int8 group128", "i8", "u8", "bf16", 1, True, 1, 2)
+gemm("fp8 fc1 -> hadamard -> fp8", "fp8e4nv", "fp8e4nv", "fp8e4nv", 2, False, 1, 1, GELU=True, OUT_HADAMARD=True,
+     OUT_QUANT=2)
+gemm("w4a8-int8 fc1 -> hadamard -> int8", "i8", "u8", "i8", 1, True, 1, 1, GELU=True, OUT_HADAMARD=True, OUT_QUANT=1,
+     OUT_QMAX=127.0)
 
 sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
        "stride_xm": "i32", "stride_qm": "i32", "K": "i32", "eps": "fp32"}
@@ -105,11 +112,15 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         ("w4a8-fp8 qkv", "e4m3.e4m3"),
         ("w4a8-int8 fc1 -> int8", "s8.s8"),
         ("w4a8-int8 group128", "s8.s8"),
+        ("fp8 fc1 -> hadamard -> fp8", "e4m3.e4m3"),
+        ("w4a8-int8 fc1 -> hadamard -> int8", "s8.s8"),
     ],
 )
 def test_gemm_variants_use_wgmma_fit_and_do_not_spill(reports: dict[str, dict], variant: str, dot: str) -> None:
     r = reports[variant]
-    assert r["wgmma"] and all(w.endswith(dot) for w in r["wgmma"]), r["wgmma"]
+    main = [w for w in r["wgmma"] if not w.endswith("tf32.tf32")]  # the epilogue Hadamard is a tf32 wgmma
+    assert main and all(w.endswith(dot) for w in main), r["wgmma"]
+    assert ("hadamard" in variant) == any(w.endswith("tf32.tf32") for w in r["wgmma"])
     assert r["cp_async"] > 0  # loads software-pipelined
     assert 0 < r["shared_bytes"] <= 227 * 1024
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255

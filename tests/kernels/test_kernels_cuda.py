@@ -64,8 +64,9 @@ def test_quantized_gemm_matches_twin_at_vggt_sizes(kind: str, int4: bool, m: int
     assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "int4"])
-def test_fc1_to_fc2_handoff_on_gpu(kind: str) -> None:
+def test_fc1_to_fc2_handoff_on_gpu(kind: str, rotate: bool) -> None:
     """fc1's epilogue quantizes GELU output per (token, 128 columns); fc2 consumes codes + group scales."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     m, d, hdim = 2083, 1024, 4096
@@ -76,8 +77,8 @@ def test_fc1_to_fc2_handoff_on_gpu(kind: str) -> None:
     a, sa = token_quant_ref(x, act if kind != "int4" else "int4")
     wq1, s1 = token_quant_ref(w1, act)
     wq2, s2 = token_quant_ref(w2, act)
-    f, fs = gemm.scaled_gemm(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind)
-    fr, fsr = scaled_gemm_ref(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind)
+    f, fs = gemm.scaled_gemm(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind, out_hadamard=rotate)
+    fr, fsr = scaled_gemm_ref(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind, out_hadamard=rotate)
     assert fs.shape == (m, hdim // 128)
     torch.testing.assert_close(fs, fsr, rtol=1e-5, atol=0)
     assert (f.float() != fr.float()).float().mean() < 0.01

@@ -188,3 +188,27 @@ def test_fallback_on_cpu_runs_the_twin_and_strict_mode_only_guards_cuda() -> Non
     finally:
         require_kernels(False)
     assert _rel(out, (a.float() * sa) @ (w.float() * sw).T) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
+def test_output_hadamard_then_quantization(kind: str) -> None:
+    """fc1 -> fc2 with fc2's online input rotation fused: GELU output rotated per 32-column tile, then quantized."""
+    from qvggt.quant.hadamard import block_hadamard_transform
+
+    gen = torch.Generator().manual_seed(23)
+    m, n, k = 21, 64, 32
+    a, sa = _codes(kind, (m, k), gen)
+    w, sw = _codes(kind, (n, k), gen)
+    bias = torch.randn(n, generator=gen)
+    y = gm.scaled_gemm(a, w, a_scale=sa, w_scale=sw, bias=bias, gelu=True, out_hadamard=True,
+                       out_dtype=torch.float32, tiles=TILES)  # fmt: skip
+    plain = F.gelu((a.float() * sa) @ (w.float() * sw).T + bias)
+    assert _rel(y, block_hadamard_transform(plain, 32)) < 1e-5  # tf32x3: near fp32
+    q, s = gm.scaled_gemm(a, w, a_scale=sa, w_scale=sw, bias=bias, gelu=True, out_hadamard=True, out_quant=kind,
+                          tiles=TILES)  # fmt: skip
+    qr, sr = scaled_gemm_ref(a, w, a_scale=sa, w_scale=sw, bias=bias, gelu=True, out_hadamard=True, out_quant=kind,
+                             block_k=32, block_n=32)  # fmt: skip
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    assert (q.float() != qr.float()).float().mean() < 0.02
+    with pytest.raises(ValueError, match="not a multiple"):
+        gm.scaled_gemm(a, w[:40], a_scale=sa, w_scale=sw[:40], out_hadamard=True, tiles=TILES)
