@@ -219,6 +219,46 @@ def activation_stats(
     typer.echo(f"statistics and plots under {out}")
 
 
+@app.command("stress-model")
+def stress_model(
+    checkpoint: Annotated[Path, typer.Option(help="Trained float checkpoint.")] = Path(
+        "models/small/model.safetensors"
+    ),
+    out: Annotated[Path, typer.Option(help="Where to write the stress variant (.safetensors).")] = Path(
+        "runs/stress/model.safetensors"
+    ),
+    magnitude: Annotated[float, typer.Option(help="Planted channel magnitude on camera/register tokens.")] = 40.0,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps with the outliers in place.")] = 150,
+    scenes: Annotated[int, typer.Option(help="Training scenes rendered for the fine-tune.")] = 200,
+    seed: int = 0,
+    params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+) -> None:
+    """Outlier-stress variant: massive camera/register-token channels, then a short fine-tune (tokens frozen)."""
+    import torch
+
+    from qvggt.calib.stress import finetune_, plant_massive_activations_
+    from qvggt.config import load_config
+    from qvggt.model import load_vggt, save_checkpoint
+    from qvggt.train.data import build_cache
+    from qvggt.train.trainer import training_scenes
+
+    try:
+        data = load_config(params).data
+        torch.manual_seed(seed)
+        model = load_vggt(checkpoint)
+        seeds, cats = training_scenes(data, scenes)
+        h, w = model.cfg.default_image_hw
+        if h != w:
+            raise ValueError(f"the training cache renders square images; {checkpoint} expects {h}x{w}")
+        cache = build_cache(out.parent / "cache", seeds, cats, 4, w)
+        plant_massive_activations_(model, magnitude=magnitude, seed=seed)
+        losses = finetune_(model, cache, steps=steps, seed=seed)
+        save_checkpoint(model, out, dtype=torch.float16)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}: fine-tune loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}")
+
+
 @app.command("reproduce-table")
 def reproduce_table_(
     checkpoint: Annotated[Path, typer.Option(help="Float VGGT checkpoint (VGGT-1B for the paper's numbers).")],
