@@ -16,7 +16,8 @@ inference) or a block-diagonal Hadamard the engine can apply inside a GEMM epilo
            work). They get the smoothing, folded into LayerNorm's affine, as proj does into the V rows.
 
 Then SmoothQuant's calibration (statistics of the *rotated* activations against the *rotated* weights: the
-published code's numerator/denominator mismatch is avoided by construction) and RTN with ``clip_search``.
+published code's numerator/denominator mismatch is avoided by construction) and RTN (min/max scales; see
+``clip_search`` for why the min-MSE clipping search is off by default).
 
 The published code also learns clipping and smoothing by block-wise reconstruction (15 epochs of AdamW per block);
 that stage is not implemented here: a documented gap, see docs/QUANTIZATION.md.
@@ -50,14 +51,17 @@ class QuantVGGTConfig(SmoothQuantConfig):
         head_rotation: fold a per-head Hadamard into V / proj before smoothing.
         fc2_rotation_block: block size of fc2's online input Hadamard (a power of two dividing the MLP width;
             128 matches the engine's GEMM tile), or 0 for none.
-        clip_search: min-MSE weight clipping (on by default here: the "fine-grained" part of the recipe).
+        clip_search: min-MSE weight clipping, off by default: measured on the outlier-stress small model at W4A8
+            it raised the pose-encoding error 17x (1.0e-3 -> 1.8e-2): after smoothing, the weight columns of the
+            massive channels are the large ones, and a weight-only MSE criterion clips exactly those, ignoring that
+            they multiply the largest activations (an activation-aware search would be needed).
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
 
     head_rotation: bool = True
     fc2_rotation_block: int = 128
-    clip_search: bool = True
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
