@@ -124,12 +124,110 @@ class TrainConfig(Section):
         return self
 
 
+class QuantJob(Section):
+    """One quantized configuration the pipeline produces."""
+
+    method: str = "rtn"
+    wbits: int = Field(8, ge=2, le=8)
+    abits: int | None = Field(8, ge=2, le=8)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 16}"
+
+
+class PipelineConfig(Section):
+    """The quantize -> evaluate -> benchmark -> track flow (``flows/quantize_vggt.py``)."""
+
+    base_weights: str = "models/small/model.safetensors"
+    jobs: list[QuantJob] = [
+        QuantJob(method="quantvggt", wbits=8, abits=8),
+        QuantJob(method="quantvggt", wbits=4, abits=4),
+        QuantJob(method="rtn", wbits=4, abits=4),
+    ]
+    calib_scenes: int = Field(8, gt=0)
+    eval_scenes: int = Field(8, gt=0)
+    eval_frames: int = Field(4, ge=2)
+    out_dir: str = "runs/pipeline"
+    mlflow_tracking_uri: str = "sqlite:///runs/pipeline/mlflow.db"
+
+    @model_validator(mode="after")
+    def _unique(self) -> PipelineConfig:
+        names = [j.name for j in self.jobs]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"pipeline.jobs must be a non-empty list of distinct configs, got {names}")
+        return self
+
+
+class CalibrateConfig(Section):
+    """``qvggt calibrate`` (DVC stage ``calibrate``): which calibration samples the calibrated methods see."""
+
+    checkpoint: str = "models/small/model.safetensors"
+    mode: Literal["random", "filter", "cluster", "nfds"] = "nfds"
+    pool_scenes: int = Field(24, ge=1)  # candidate pool: the first scenes of data.calib_seeds
+    frames: int = Field(4, ge=1)
+    n_clusters: int = Field(4, ge=1)
+    n_per_cluster: int = Field(2, ge=1)
+    n_init: int = Field(10, ge=1)
+    iqr_factor: float = Field(1.5, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> CalibrateConfig:
+        if self.mode in ("cluster", "nfds") and self.pool_scenes < self.n_clusters:
+            raise ValueError(
+                f"pool_scenes={self.pool_scenes} is smaller than n_clusters={self.n_clusters}: "
+                "raise pool_scenes or lower n_clusters"
+            )
+        return self
+
+
+class QuantizeEntry(Section):
+    """One quantized configuration of the ``quantize`` stage (DVC templates these into CLI options)."""
+
+    method: str
+    wbits: int = Field(ge=2, le=8)
+    abits: int = Field(ge=2, le=8)
+
+
+class QuantizeStageConfig(Section):
+    """``qvggt quantize`` as the DVC stage ``quantize`` runs it, once per entry of ``configs``."""
+
+    model: str = "models/small/model.safetensors"
+    calib_scenes: int = Field(8, ge=1)
+    coverage: Literal["default", "full"] = "default"
+    configs: dict[str, QuantizeEntry] = {
+        "quantvggt-w8a8": QuantizeEntry(method="quantvggt", wbits=8, abits=8),
+        "quantvggt-w4a4": QuantizeEntry(method="quantvggt", wbits=4, abits=4),
+        "rtn-w4a4": QuantizeEntry(method="rtn", wbits=4, abits=4),
+    }
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeStageConfig:
+        bad = [name for name in self.configs if not name or "/" in name or name.startswith(".")]
+        if not self.configs or bad:
+            raise ValueError(f"configs must map folder-safe names to configs, got {list(self.configs)}")
+        return self
+
+
+class EvalStageConfig(Section):
+    """``qvggt eval`` as the DVC stage ``eval`` runs it: each quantized config against the base model."""
+
+    dataset: str = "synthetic:eval"
+    scenes: int = Field(4, ge=1)
+    frames: int = Field(4, ge=2)
+
+
 class ProjectConfig(Section):
     """All of ``params.yaml``."""
 
     data: DataConfig = DataConfig()
     predict: PredictConfig = PredictConfig()
     train: TrainConfig = TrainConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    quantize: QuantizeStageConfig = QuantizeStageConfig()
+    eval: EvalStageConfig = EvalStageConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,110 @@
+"""``quantize-vggt``: base weights -> quantized, evaluated, (GPU-)benchmarked, tracked models.
+
+Wires the tasks of ``tasks/steps.py``; every setting comes from ``params.yaml`` section ``pipeline`` (validated on
+load: a bad file fails at once, before any work). Runs in Prefect's ephemeral mode by default, against a server
+when ``PREFECT_API_URL`` is set. Each step is cached by content (base weights' sha256, its settings, the qvggt
+source it runs), so a second run with nothing changed is all cache hits, and a run killed midway resumes from the
+finished steps (artifacts are written atomically).
+
+    python flows/quantize_vggt.py [--base-weights PATH] [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tasks` is a top-level folder of the repo
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from qvggt.config import load_config
+from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _verified(path: str, step: Any, *args: Any) -> str:
+    """A cached step's artifact path, recomputed (cache refreshed) if the artifact has since been deleted: a cache
+    record must never hand on a file that is not there."""
+    if Path(path).is_file():
+        return path
+    return step.with_options(refresh_cache=True)(*args)
+
+
+def _base_model_name(base_weights: str) -> str:
+    """``models/small/model.safetensors`` -> ``small``; ``tiny.safetensors`` -> ``tiny``."""
+    path = Path(base_weights)
+    return path.parent.name if path.stem == "model" and path.parent.name else path.stem
+
+
+@flow(name="quantize-vggt")
+def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", base_model: str | None = None) -> dict:
+    """Quantize ``base_weights`` (default: ``pipeline.base_weights``) with every job of ``params.yaml``; returns
+    {job name: {"checkpoint", "mlflow_run_id"}} plus the metrics path, the benchmark outcome and the registry's
+    decision. ``base_model`` names the registered model ``qvggt-<base_model>`` (default: the checkpoint's folder
+    name, ``small`` for ``models/small/model.safetensors``, as the watcher flow assumes)."""
+    cfg = load_config(params).pipeline
+    base = base_weights or cfg.base_weights
+    model_name = base_model or _base_model_name(base)
+    out = Path(cfg.out_dir)
+    base_sha = verify_base_weights(base)
+    jobs = [job.model_dump() for job in cfg.jobs]
+    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes) for job in jobs]
+    checkpoints = [
+        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes)
+        for f, job in zip(futures, jobs, strict=True)
+    ]
+    eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames)
+    metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
+    bench = benchmark(checkpoints, str(out / "bench"))
+    run_id = flow_run.get_id() or "local"
+    revision = _git_revision()
+    runs = {}
+    for job, ckpt in zip(jobs, checkpoints, strict=True):
+        name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+        rid = track(job, ckpt, metrics_path, bench, base_sha, cfg.mlflow_tracking_uri, run_id, revision)
+        runs[name] = {"checkpoint": ckpt, "mlflow_run_id": rid}
+    registry = register(runs, metrics_path, bench, model_name, base_sha, cfg.mlflow_tracking_uri)
+    return {
+        "runs": runs, "metrics": metrics_path, "benchmark": bench, "registry": registry, "git_revision": revision
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-weights", default=None)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    result = quantize_vggt(args.base_weights, args.params)
+    import json
+
+    metrics = json.loads(Path(result["metrics"]).read_text())["aggregate"]
+    print("\n| model | pose AUC@30 fidelity | depth AbsRel | rel L2 depth vs FP | MLflow run |")
+    print("|---|---|---|---|---|")
+    for model, m in metrics.items():
+        name = model.split("/")[0]
+        rid = result["runs"].get(name, {}).get("mlflow_run_id", "-")
+        print(f"| {model} | {m.get('fid_pose_auc@30', float('nan')):.1f} | {m.get('depth_abs_rel', float('nan')):.4f} "
+              f"| {m.get('fid_rel_l2_depth', float('nan')):.2e} | {rid} |")  # fmt: skip
+    cfg = load_config(args.params).pipeline
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}")
+    print(f"report:    {Path(result['metrics']).parent / 'report' / 'report.md'}")
+    reg = result["registry"]
+    print(f"registry:  versions {reg['versions']}; champion {reg['champion']} ({reg['reason']})")
+    if result["benchmark"].get("skipped"):
+        print(f"benchmark: {result['benchmark']['reason']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The pipeline's steps as Prefect tasks (content-hash cached, transient-only retries)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from qvggt.pipeline.cache import step_key
+from tasks.common import maybe_inject_fault, retry_transient
+
+RETRY = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient, "persist_result": True}
+
+
+def _quantize_key(context: Any, p: dict[str, Any]) -> str:
+    return step_key(
+        "quantize", [p["base_weights"]], {"job": p["job"], "calib_scenes": p["calib_scenes"], "out": p["out_dir"]},
+        ("quant", "model", "data", "calib"),
+    )  # fmt: skip
+
+
+@task(name="verify-base-weights", **RETRY)
+def verify_base_weights(base_weights: str) -> str:
+    """sha256 of the base weights after checking they load as a VGGT (a clear error otherwise)."""
+    from qvggt.io import sha256_file
+    from qvggt.model import load_vggt
+
+    load_vggt(base_weights)  # raises CheckpointError / FileNotFoundError naming the problem
+    return sha256_file(base_weights)
+
+
+@task(name="quantize", cache_key_fn=_quantize_key, **RETRY)
+def quantize(job: dict, base_weights: str, out_dir: str, calib_scenes: int) -> str:
+    """Quantize ``base_weights`` as ``job`` ({method, wbits, abits}); returns the packed checkpoint's path."""
+    from qvggt.quant.command import run_quantize
+
+    maybe_inject_fault("quantize")
+    name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+    result = run_quantize(
+        job["method"], job["wbits"], job["abits"], Path(out_dir) / name, base_weights, calib_scenes=calib_scenes
+    )
+    return str(result.path)
+
+
+def _evaluate_key(context: Any, p: dict[str, Any]) -> str:
+    return step_key(
+        "evaluate", [p["base_weights"], *p["quantized"]], {"scenes": p["scenes"], "frames": p["frames"],
+                                                            "out": p["out_dir"]},
+        ("eval", "model", "data", "quant", "geometry"),
+    )  # fmt: skip
+
+
+@task(name="evaluate", cache_key_fn=_evaluate_key, **RETRY)
+def evaluate(base_weights: str, quantized: list[str], out_dir: str, scenes: int, frames: int) -> str:
+    """FP and every quantized model on the same held-out scenes; returns the metrics.json path."""
+    from qvggt.eval.command import run_eval
+
+    run_eval(base_weights, quantized, "synthetic:eval", out_dir, frames=frames, scenes=scenes, progress=False)
+    return str(Path(out_dir) / "metrics.json")
+
+
+@task(name="benchmark", **RETRY)
+def benchmark(quantized: list[str], out_dir: str) -> dict:
+    """GPU speed of the engine configs; without a GPU, a visible skip with its reason (nothing is timed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        reason = "no CUDA device on this worker: the GPU benchmark was skipped (run `qvggt bench` on a GPU)"
+        print(f"NOTICE: {reason}")
+        return {"skipped": True, "reason": reason}
+    from qvggt.bench.configs import parse_configs
+    from qvggt.bench.run import run_bench
+
+    doc = run_bench(Path(out_dir), parse_configs("published,bf16-fused,w8a8-fp8,w4a8-fp8"), [8, 32])
+    return {"skipped": False, "bench_json": str(Path(out_dir) / "bench.json"), "gpu": doc["env"].get("gpu")}
+
+
+def _track_key(context: Any, p: dict[str, Any]) -> str:
+    return step_key(
+        "track", [p["checkpoint"], p["metrics_path"]], {"job": p["job"], "uri": p["tracking_uri"],
+                                                        "bench": p["bench"]}, ("pipeline",),
+    )  # fmt: skip
+
+
+@task(name="track", cache_key_fn=_track_key, **RETRY)
+def track(
+    job: dict, checkpoint: str, metrics_path: str, bench: dict, base_sha256: str, tracking_uri: str, flow_run_id: str,
+    git_revision: str = "unknown",
+) -> str:
+    """Log one quantized config to MLflow (experiment per base model); returns the run id.
+
+    The git revision is a tag, not part of the cache key: a commit that changes no code this step depends on does
+    not re-log (the run keeps the revision that produced it)."""
+    from qvggt.pipeline.tracking import log_quantized_run
+    from qvggt.quant.export import read_manifest
+
+    metrics_doc = json.loads(Path(metrics_path).read_text())
+    name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+    model_key = next(k for k in metrics_doc["aggregate"] if k.startswith(name + "/"))
+    metrics = {k: v for k, v in metrics_doc["aggregate"][model_key].items() if isinstance(v, (int, float))}
+    for k, entry in metrics_doc.get("comparison", {}).get(model_key, {}).items():
+        if "retention" in entry:
+            metrics[f"retention_{k}"] = entry["retention"]
+    summary = read_manifest(checkpoint)["summary"]
+    metrics.update(weight_bytes=summary["weight_bytes_after"], compression=summary["compression"])
+    tags = {
+        "base_sha256": base_sha256, "prefect_flow_run_id": flow_run_id, "git_revision": git_revision,
+        "gpu_benchmark": str(not bench["skipped"]),
+    }  # fmt: skip
+    if bench["skipped"]:
+        tags["gpu_benchmark_skipped_reason"] = bench["reason"]
+    report = Path(metrics_path).parent / "report"
+    return log_quantized_run(
+        tracking_uri, f"qvggt-{base_sha256[:12]}", name, job, metrics, tags,
+        {"checkpoint": Path(checkpoint).parent, "report": report},
+        artifact_root=Path(checkpoint).parents[2] / "mlartifacts",  # <out_dir>/models/<job>/model.safetensors
+    )  # fmt: skip
+
+
+def _register_key(context: Any, p: dict[str, Any]) -> str:
+    # The MLflow run ids identify what was logged; a re-logged config (new run id) registers a new version.
+    return step_key(
+        "register", [p["metrics_path"]], {"runs": p["runs"], "uri": p["tracking_uri"], "base": p["base_model"],
+                                          "sha": p["base_sha256"], "bench": p["bench"]}, ("pipeline",),
+    )  # fmt: skip
+
+
+@task(name="register", cache_key_fn=_register_key, **RETRY)
+def register(
+    runs: dict[str, dict], metrics_path: str, bench: dict, base_model: str, base_sha256: str, tracking_uri: str
+) -> dict:
+    """Register every tracked config as a model version of ``qvggt-<base_model>``, then apply the champion rule once.
+
+    ``runs``: {config name: {"checkpoint", "mlflow_run_id"}}. Returns {"versions": {name: version}, "champion":
+    version or None, "reason": the rule's explanation}.
+    """
+    from mlflow import MlflowClient
+
+    from qvggt.pipeline.registry import CandidateMetrics, register_candidate, update_champion
+    from qvggt.quant.export import read_manifest
+
+    client = MlflowClient(tracking_uri)
+    metrics_doc = json.loads(Path(metrics_path).read_text())
+    speedup = None if bench.get("skipped") else bench.get("speedup")
+    versions = {}
+    for name, run in runs.items():
+        model_key = next(k for k in metrics_doc["comparison"] if k.startswith(name + "/"))
+        weight_bytes = read_manifest(run["checkpoint"])["summary"]["weight_bytes_after"]
+        candidate = CandidateMetrics.from_eval(metrics_doc, model_key, weight_bytes=weight_bytes, speedup=speedup)
+        versions[name] = register_candidate(
+            run["mlflow_run_id"], base_model, base_sha256, candidate, artifact_path="checkpoint", config_name=name,
+            client=client,
+        )  # fmt: skip
+    decision = update_champion(base_model, base_sha256, client=client)
+    return {"versions": versions, "champion": decision.version, "reason": decision.reason}
