@@ -162,6 +162,47 @@ def quantize(
 
 
 @app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", help="Folder for manifest.json and calibrate.json.")] = Path(
+        "runs/calibrate"
+    ),
+    model: Annotated[Path | None, typer.Option(help="Float checkpoint [params: calibrate.checkpoint].")] = None,
+    mode: Annotated[str | None, typer.Option(help="random, filter, cluster or nfds [params: calibrate.mode].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of k-means and the draw [params: calibrate.seed].")] = None,
+    pool_scenes: Annotated[int | None, typer.Option(help="Candidate pool size [params: calibrate.pool_scenes].")] = None,
+    n_clusters: Annotated[int | None, typer.Option(help="k-means clusters [params: calibrate.n_clusters].")] = None,
+    params: Annotated[Path, typer.Option(help="Project parameters (sections `calibrate` and `data`).")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Select the calibration set (noise-filtered, diverse) and write its byte-reproducible manifest.
+
+    Options left out take their value from the `calibrate` section of params.yaml.
+    """
+    from qvggt.calib.command import run_calibrate
+    from qvggt.config import load_config
+
+    try:
+        cfg = load_config(params)
+        c = cfg.calibrate
+        result = run_calibrate(
+            model or Path(c.checkpoint), out, mode or c.mode, c.seed if seed is None else seed,
+            c.pool_scenes if pool_scenes is None else pool_scenes, c.frames,
+            c.n_clusters if n_clusters is None else n_clusters, c.n_per_cluster, c.n_init,
+            c.iqr_factor, cfg.data,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        _fail(exc)
+    except OSError as exc:  # a full disk or an unwritable --out: nothing was half-written (atomic writes)
+        _fail(OSError(f"cannot write to {out}: {exc.strerror or exc}; free disk space or choose a writable --out"))
+    typer.echo(
+        f"pool {result.pool_size}, {result.num_removed} outliers removed, {result.num_selected} selected; "
+        f"manifest sha256 {result.manifest_sha256[:16]}"
+    )
+    typer.echo(f"written: {result.manifest_path}")
+
+
+@app.command()
 def memory(
     frames: Annotated[list[int], typer.Option(help="Frame counts.")] = [8, 32, 100],  # noqa: B006
     height: int = 392,

@@ -182,42 +182,6 @@ class CalibrateConfig(Section):
         return self
 
 
-class QuantizeEntry(Section):
-    """One quantized configuration of the ``quantize`` stage (DVC templates these into CLI options)."""
-
-    method: str
-    wbits: int = Field(ge=2, le=8)
-    abits: int = Field(ge=2, le=8)
-
-
-class QuantizeStageConfig(Section):
-    """``qvggt quantize`` as the DVC stage ``quantize`` runs it, once per entry of ``configs``."""
-
-    model: str = "models/small/model.safetensors"
-    calib_scenes: int = Field(8, ge=1)
-    coverage: Literal["default", "full"] = "default"
-    configs: dict[str, QuantizeEntry] = {
-        "quantvggt-w8a8": QuantizeEntry(method="quantvggt", wbits=8, abits=8),
-        "quantvggt-w4a4": QuantizeEntry(method="quantvggt", wbits=4, abits=4),
-        "rtn-w4a4": QuantizeEntry(method="rtn", wbits=4, abits=4),
-    }
-
-    @model_validator(mode="after")
-    def _check(self) -> QuantizeStageConfig:
-        bad = [name for name in self.configs if not name or "/" in name or name.startswith(".")]
-        if not self.configs or bad:
-            raise ValueError(f"configs must map folder-safe names to configs, got {list(self.configs)}")
-        return self
-
-
-class EvalStageConfig(Section):
-    """``qvggt eval`` as the DVC stage ``eval`` runs it: each quantized config against the base model."""
-
-    dataset: str = "synthetic:eval"
-    scenes: int = Field(4, ge=1)
-    frames: int = Field(4, ge=2)
-
-
 class ProjectConfig(Section):
     """All of ``params.yaml``."""
 
@@ -225,8 +189,6 @@ class ProjectConfig(Section):
     predict: PredictConfig = PredictConfig()
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
-    quantize: QuantizeStageConfig = QuantizeStageConfig()
-    eval: EvalStageConfig = EvalStageConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
 
