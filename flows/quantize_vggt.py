@@ -23,6 +23,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from qvggt.config import load_config
+from qvggt.pipeline.preflight import check_tracking_uri
 from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
 
 
@@ -55,6 +56,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     decision. ``base_model`` names the registered model ``qvggt-<base_model>`` (default: the checkpoint's folder
     name, ``small`` for ``models/small/model.safetensors``, as the watcher flow assumes)."""
     cfg = load_config(params).pipeline
+    check_tracking_uri(cfg.mlflow_tracking_uri)  # an unreachable server fails now, not after the quantization
     base = base_weights or cfg.base_weights
     model_name = base_model or _base_model_name(base)
     out = Path(cfg.out_dir)

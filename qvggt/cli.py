@@ -169,7 +169,9 @@ def calibrate(
     model: Annotated[Path | None, typer.Option(help="Float checkpoint [params: calibrate.checkpoint].")] = None,
     mode: Annotated[str | None, typer.Option(help="random, filter, cluster or nfds [params: calibrate.mode].")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of k-means and the draw [params: calibrate.seed].")] = None,
-    pool_scenes: Annotated[int | None, typer.Option(help="Candidate pool size [params: calibrate.pool_scenes].")] = None,
+    pool_scenes: Annotated[
+        int | None, typer.Option(help="Candidate pool size [params: calibrate.pool_scenes].")
+    ] = None,
     n_clusters: Annotated[int | None, typer.Option(help="k-means clusters [params: calibrate.n_clusters].")] = None,
     params: Annotated[Path, typer.Option(help="Project parameters (sections `calibrate` and `data`).")] = Path(
         "params.yaml"
@@ -371,5 +373,36 @@ def bench(
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({'GPU' if doc['gpu'] else 'CPU reference'})")
 
 
+def main() -> None:
+    """The ``qvggt`` console entry point: :data:`app`, plus one clear message for operating-system failures that a
+    verb did not handle itself (a full disk, a read-only or missing output folder). Artifacts are written atomically,
+    so such a failure leaves the previous file or none, never a half-written one."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    try:
+        app()
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        # safetensors' writer reports the OS error as text ("I/O error: No space left on device (os error 28)").
+        typer.secho(
+            f"error: writing a checkpoint failed: {exc}: free disk space or pass an --out on another disk; "
+            "nothing was half-written", fg="red", err=True,
+        )  # fmt: skip
+        raise SystemExit(1) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            fix = "free disk space (or raise the quota / file-size limit), or pass an --out on another disk"
+        elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "choose a writable --out folder (or fix its permissions)"
+        else:
+            fix = "check the paths given and the folder permissions"
+        typer.secho(f"error: {exc.strerror or exc}{where}: {fix}; nothing was half-written", fg="red", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()
