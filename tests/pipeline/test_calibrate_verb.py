@@ -63,3 +63,35 @@ def test_calibrate_refuses_bad_settings(tiny: Path, tmp_path: Path, args: list, 
                                  *args])  # fmt: skip
     assert r.exit_code == 1 and message in r.output, r.output
     assert not out.exists()
+
+
+def test_steps_give_the_same_manifest_as_build_manifest(tiny: Path, tmp_path: Path) -> None:
+    """The four cached steps (pool -> features -> outliers -> selection) are exactly NFDS in one call."""
+    from qvggt.calib.command import run_calibrate
+    from qvggt.calib.manifest import build_manifest
+    from qvggt.eval.datasets import SyntheticEvalDataset
+    from qvggt.io import sha256_file
+
+    result = run_calibrate(tiny, tmp_path, "nfds", 3, pool_scenes=8, frames=2, n_clusters=3, n_per_cluster=1, n_init=2)
+    model = load_vggt(tiny).eval()
+    h, w = model.cfg.default_image_hw
+    pool = list(SyntheticEvalDataset.from_config(8, "calib", num_frames=2, height=h, width=w))
+    config = {"dataset": "synthetic:calib", "pool_scenes": 8, "frames": 2, "image_hw": [h, w],
+              "model_sha256": sha256_file(tiny)}  # fmt: skip
+    with torch.no_grad():
+        direct = build_manifest(model, pool, "nfds", 3, 1, seed=3, n_init=2, config=config)
+    assert result.manifest_path.read_text() == direct.to_json()
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "pool.json", "features.npz", "outliers.json", "manifest.json", "calibrate.json"
+    }  # fmt: skip
+
+
+def test_a_pool_that_no_longer_renders_the_same_is_refused(tiny: Path, tmp_path: Path) -> None:
+    from qvggt.calib.command import load_pool, write_pool
+
+    pool = write_pool(tmp_path, 2, 2, (14 * 3, 14 * 3))
+    doc = json.loads(pool.read_text())
+    doc["samples"][1]["sha256"] = "0" * 64
+    pool.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="no longer renders the same images"):
+        load_pool(pool)
