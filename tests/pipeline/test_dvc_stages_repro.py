@@ -46,6 +46,7 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
     for name in ("dvc.yaml", ".dvcignore", ".dvc/config"):
         shutil.copy(REPO / name, clone / name)
     params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["calibrate"] = {**params["calibrate"], "pool_scenes": 6, "n_clusters": 2, "n_per_cluster": 1, "n_init": 2}
     params["pipeline"] = {
         **params.get("pipeline", {}),
         "base_weights": "models/small/model.safetensors",
@@ -59,8 +60,10 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
     first = _sh([DVC, "repro"], clone)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Running stage 'quantize@0'" in first.stdout and "Running stage 'evaluate@0'" in first.stdout
+    assert "Running stage 'calibrate'" in first.stdout
     assert "Running stage 'train_small'" not in first.stdout  # frozen: the committed model is not retrained
     assert (clone / "runs/dvc/quantized/rtn-w8a8/model.safetensors").is_file()
+    assert (clone / "runs/dvc/calibrate/manifest.json").is_file()
     metrics = _sh([DVC, "metrics", "show", "--json"], clone)
     assert metrics.returncode == 0 and "rtn-w8a8" in metrics.stdout, metrics.stderr
 
