@@ -54,6 +54,22 @@ def calibration_batches(
     return [torch.from_numpy(s.images)[None] for s in samples], [s.sample_id for s in samples]
 
 
+def manifest_calibration(path: str | Path, data: DataConfig) -> tuple[list[torch.Tensor], list[str], str]:
+    """The batches and sample ids a calibration manifest (``qvggt calibrate``'s ``manifest.json``) names, and the
+    manifest's sha256 (its canonical form: what identifies the calibration set in the checkpoint's manifest)."""
+    from qvggt.calib.command import manifest_batches  # the calibrate verb renders its own pool
+    from qvggt.calib.manifest import CalibrationManifest
+
+    try:
+        sha = CalibrationManifest.read(path).sha256()
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a calibration manifest ({exc}); write one with qvggt calibrate") from exc
+    batches, ids = manifest_batches(path, data)
+    if not batches:
+        raise ValueError(f"calibration manifest {path} selects no sample; rerun qvggt calibrate")
+    return batches, ids, sha
+
+
 def run_quantize(
     method: str,
     wbits: int,
@@ -66,18 +82,45 @@ def run_quantize(
     calib_scenes: int = 8,
     calib_frames: int = 4,
     data: DataConfig | None = None,
+    calib_manifest: str | Path | None = None,
 ) -> QuantizeResult:
-    """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON)."""
+    """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON).
+
+    Calibration (methods that need it): the samples a ``qvggt calibrate`` manifest names when ``calib_manifest``
+    is given (rendered again and checked against the manifest's image hashes; ``calib_scenes`` / ``calib_frames``
+    are then unused), otherwise the first ``calib_scenes`` scenes of the calibration split with ``calib_frames``
+    views each. The checkpoint's manifest records the sample ids and the calibration manifest's sha256. A data-free
+    method (``rtn``) ignores ``calib_manifest`` and records no calibration, so one pipeline setting serves every
+    method.
+
+    Raises:
+        ValueError: unknown method or coverage, impossible formats, or a calibration manifest that is not one,
+            names another dataset, or no longer renders the same images.
+        FileNotFoundError: the checkpoint or the calibration manifest does not exist.
+    """
     if coverage not in {c.value for c in Coverage}:
         raise ValueError(f"unknown coverage {coverage!r}; use default or full")
     config = make_config(method, wbits, abits, group_size, coverage, fp8)
+    if calib_manifest is not None and not Path(calib_manifest).is_file():
+        # Checked before the model loads: a typo must not cost a model load (or silently fall back to scenes).
+        raise FileNotFoundError(f"calibration manifest not found: {calib_manifest} (write one with qvggt calibrate)")
     model = load_vggt(checkpoint)
     batches: list[torch.Tensor] = []
     ids: list[str] = []
+    manifest_sha: str | None = None
     if needs_calibration(config):
-        batches, ids = calibration_batches(data or DataConfig(), calib_scenes, calib_frames, model.cfg.default_image_hw)
+        if calib_manifest is not None:
+            batches, ids, manifest_sha = manifest_calibration(calib_manifest, data or DataConfig())
+        else:
+            hw = model.cfg.default_image_hw
+            batches, ids = calibration_batches(data or DataConfig(), calib_scenes, calib_frames, hw)
     quantize_(model, config, calibration_data=batches or None)
     path = save_quantized(
-        model, config, Path(out) / "model.safetensors", base_sha256=sha256_file(checkpoint), calibration_ids=ids
+        model,
+        config,
+        Path(out) / "model.safetensors",
+        base_sha256=sha256_file(checkpoint),
+        calibration_ids=ids,
+        calibration_manifest_sha256=manifest_sha,
     )
     return QuantizeResult(path, quantization_summary(model), len(ids))
