@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tasks` is a top
 from prefect import flow
 from prefect.runtime import flow_run
 
-from qvggt.config import load_config
+from qvggt.config import ProjectConfig, load_config
 from qvggt.pipeline.preflight import check_tracking_uri
+from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
 
 
@@ -49,22 +50,37 @@ def _base_model_name(base_weights: str) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
+def _calibration_set(base: str, project: ProjectConfig, out: Path) -> str:
+    """NFDS as four cached steps (params.yaml ``calibrate``, on the flow's base weights); the manifest's path."""
+    c, data, where = project.calibrate, project.data.model_dump(mode="json"), str(out)
+    pool_args = (base, where, c.pool_scenes, c.frames, data)
+    pool = _verified(build_pool(*pool_args), build_pool, *pool_args)
+    stats_args = (base, pool, where, data)
+    features = _verified(collect_stats(*stats_args), collect_stats, *stats_args)
+    filter_args = (features, where, c.iqr_factor)
+    outliers = _verified(filter_noisy(*filter_args), filter_noisy, *filter_args)
+    cluster_args = (pool, features, outliers, where, c.mode, c.seed, c.n_clusters, c.n_per_cluster, c.n_init)
+    return _verified(cluster_frames(*cluster_args), cluster_frames, *cluster_args)
+
+
 @flow(name="quantize-vggt")
 def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", base_model: str | None = None) -> dict:
     """Quantize ``base_weights`` (default: ``pipeline.base_weights``) with every job of ``params.yaml``; returns
     {job name: {"checkpoint", "mlflow_run_id"}} plus the metrics path, the benchmark outcome and the registry's
     decision. ``base_model`` names the registered model ``qvggt-<base_model>`` (default: the checkpoint's folder
     name, ``small`` for ``models/small/model.safetensors``, as the watcher flow assumes)."""
-    cfg = load_config(params).pipeline
+    project = load_config(params)
+    cfg = project.pipeline
     check_tracking_uri(cfg.mlflow_tracking_uri)  # an unreachable server fails now, not after the quantization
     base = base_weights or cfg.base_weights
     model_name = base_model or _base_model_name(base)
     out = Path(cfg.out_dir)
     base_sha = verify_base_weights(base)
+    manifest = _calibration_set(base, project, out / "calib")
     jobs = [job.model_dump() for job in cfg.jobs]
-    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes) for job in jobs]
+    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes, manifest) for job in jobs]
     checkpoints = [
-        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes)
+        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes, manifest)
         for f, job in zip(futures, jobs, strict=True)
     ]
     eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames)

@@ -44,6 +44,7 @@ __all__ = [
     "CalibrateResult",
     "check_calibrate_settings",
     "load_pool",
+    "manifest_batches",
     "read_manifest_sha256",
     "run_calibrate",
     "write_features",
@@ -304,6 +305,30 @@ def run_calibrate(
     features = write_features(checkpoint, pool, out, data)
     outliers = write_outliers(features, out, iqr_factor)
     return write_selection(pool, features, outliers, out, mode, seed, n_clusters, n_per_cluster, n_init)
+
+
+def manifest_batches(manifest_path: str | Path, data: DataConfig | None = None) -> tuple[list[torch.Tensor], list[str]]:
+    """The calibration batches a manifest names (one ``[1, S, 3, H, W]`` batch per selected sample, in selection
+    order) and their ids, rendered again and checked against the manifest's ``data_hashes``."""
+    from qvggt.calib.manifest import images_sha256
+
+    manifest = CalibrationManifest.read(manifest_path)
+    cfg = manifest.config
+    if cfg.get("dataset") != POOL_DATASET:
+        raise ValueError(
+            f"{manifest_path}: only {POOL_DATASET} manifests can be rendered here, got {cfg.get('dataset')!r}"
+        )
+    ds = _pool_dataset(int(cfg["pool_scenes"]), int(cfg["frames"]), cfg["image_hw"], data or DataConfig())
+    batches = []
+    for sid in manifest.sample_ids:
+        sample = ds.load(sid)
+        if images_sha256(sample.images) != manifest.data_hashes.get(sid):
+            raise ValueError(
+                f"{manifest_path}: sample {sid} no longer renders the same images (data settings or the renderer "
+                "changed): rerun the calibration"
+            )
+        batches.append(torch.from_numpy(sample.images)[None])
+    return batches, list(manifest.sample_ids)
 
 
 def read_manifest_sha256(path: str | Path) -> str:

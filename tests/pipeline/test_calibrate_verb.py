@@ -95,3 +95,14 @@ def test_a_pool_that_no_longer_renders_the_same_is_refused(tiny: Path, tmp_path:
     pool.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="no longer renders the same images"):
         load_pool(pool)
+
+
+def test_manifest_batches_render_the_selected_samples(tiny: Path, tmp_path: Path) -> None:
+    from qvggt.calib.command import manifest_batches, run_calibrate
+
+    result = run_calibrate(tiny, tmp_path, "nfds", 0, pool_scenes=6, frames=2, n_clusters=2, n_per_cluster=1, n_init=2)
+    batches, ids = manifest_batches(result.manifest_path)
+    manifest = CalibrationManifest.read(result.manifest_path)
+    assert ids == manifest.sample_ids and len(batches) == len(ids)
+    h, w = load_vggt(tiny).cfg.default_image_hw
+    assert all(tuple(b.shape) == (1, 2, 3, h, w) for b in batches)

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _params(tmp: Path, base: Path, **pipeline: object) -> Path:
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["calibrate"] = {**doc["calibrate"], "pool_scenes": 6, "n_clusters": 2, "n_per_cluster": 1, "n_init": 2}
     doc["pipeline"] = {
         "base_weights": str(base),
         "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}, {"method": "smoothquant", "wbits": 4, "abits": 8}],
@@ -60,6 +61,7 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
     out = first.stdout + first.stderr
     assert "GPU benchmark was skipped" in out  # no GPU here: a visible skip with its reason
     checkpoints = sorted((tmp / "out" / "models").rglob("model.safetensors"))
+    assert (tmp / "out" / "calib" / "manifest.json").is_file()  # the NFDS calibration set the quantize keys hash
     assert [p.parent.name for p in checkpoints] == ["rtn-w8a8", "smoothquant-w4a8"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name.startswith("qvggt-")]
@@ -75,9 +77,11 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
     second = _run(tmp, params)
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
-    for step in ("quantize", "evaluate", "track", "register"):
+    calibration = ("build-pool", "collect-stats", "filter-noisy", "cluster-frames")
+    for step in (*calibration, "quantize", "evaluate", "track", "register"):
         assert f"Task run '{step}-" in log
-    assert log.count("Cached(type=COMPLETED)") == 2 + 1 + 2 + 1  # every quantize, evaluate, track, register step
+    # Every calibration, quantize, evaluate, track and register step:
+    assert log.count("Cached(type=COMPLETED)") == len(calibration) + 2 + 1 + 2 + 1
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == mtimes  # no work redone
     assert len(client.search_runs([exp.experiment_id])) == 2  # nothing logged twice
 
