@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--base-weights", default=None)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    load_config(args.params)  # a bad params.yaml fails here, before Prefect starts a server (the flow checks again)
     result = quantize_vggt(args.base_weights, args.params)
     import json
 
