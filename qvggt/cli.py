@@ -138,6 +138,9 @@ def quantize(
     fp8: Annotated[bool, typer.Option(help="fp8 e4m3 W8A8 instead of int8.")] = False,
     model: Annotated[Path, typer.Option(help="Checkpoint to quantize.")] = Path("models/small/model.safetensors"),
     calib_scenes: Annotated[int, typer.Option(help="Calibration scenes (methods that calibrate).")] = 8,
+    calib_manifest: Annotated[
+        Path | None, typer.Option(help="Calibrate on the samples of a `qvggt calibrate` manifest.json instead.")
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/quantized"),
     params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
 ) -> None:
@@ -147,7 +150,10 @@ def quantize(
 
     try:
         data = load_config(params).data
-        result = run_quantize(method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data)
+        result = run_quantize(
+            method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
+            calib_manifest=calib_manifest,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
     s = result.summary

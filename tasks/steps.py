@@ -37,24 +37,13 @@ def verify_base_weights(base_weights: str) -> str:
 def quantize(job: dict, base_weights: str, out_dir: str, calib_scenes: int, calib_manifest: str | None = None) -> str:
     """Quantize ``base_weights`` as ``job`` ({method, wbits, abits}) on the calibration set of ``calib_manifest``
     (the cluster-frames step's output); returns the packed checkpoint's path."""
-    import inspect
-
     from qvggt.quant.command import run_quantize
 
     maybe_inject_fault("quantize")
     name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
-    extra: dict[str, Any] = {}
-    if calib_manifest is not None:
-        # Transition: run_quantize gains `calib_manifest` with the quantization methods (issue #6). Until then it
-        # calibrates on the first `calib_scenes` calibration scenes, and the log says so.
-        if "calib_manifest" in inspect.signature(run_quantize).parameters:
-            extra["calib_manifest"] = calib_manifest
-        else:
-            print(f"NOTICE: run_quantize does not read a calibration manifest yet: {name} calibrates on the first "
-                  f"{calib_scenes} calibration scenes, not on {calib_manifest}")  # fmt: skip
     result = run_quantize(
         job["method"], job["wbits"], job["abits"], Path(out_dir) / name, base_weights, calib_scenes=calib_scenes,
-        **extra,
+        calib_manifest=calib_manifest,
     )  # fmt: skip
     return str(result.path)
 
