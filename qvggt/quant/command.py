@@ -14,7 +14,7 @@ from qvggt.quant.api import QuantSummary, needs_calibration, quantization_summar
 from qvggt.quant.config import Coverage, QuantConfig, RTNConfig, weight_activation_formats
 from qvggt.quant.export import save_quantized
 
-METHODS = ("rtn", "smoothquant", "quantvggt")
+METHODS = ("rtn", "smoothquant", "quarot", "gptq", "quantvggt")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,14 @@ def make_config(
         from qvggt.quant.smooth import SmoothQuantConfig
 
         return SmoothQuantConfig(**common)
+    if method == "quarot":
+        from qvggt.quant.quarot import QuaRotConfig
+
+        return QuaRotConfig(**common)
+    if method == "gptq":
+        from qvggt.quant.gptq import GPTQConfig
+
+        return GPTQConfig(**common)
     if method == "quantvggt":
         from qvggt.quant.dsfq import QuantVGGTConfig
 

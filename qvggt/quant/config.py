@@ -54,6 +54,7 @@ ALLOWED_CONFIG_MODULES: tuple[str, ...] = (
     "qvggt.quant.smooth",
     "qvggt.quant.gptq",
     "qvggt.quant.dsfq",
+    "qvggt.quant.quarot",
 )
 
 # Weights [N, K]: one scale per output channel, per group of K, or per tensor. "token" would mean per row of a

@@ -80,11 +80,35 @@ class _QuantWeight(nn.Module):
             self.register_buffer("weight_zero_point", torch.zeros(shape, dtype=torch.uint8, device=device))
 
     @torch.no_grad()
-    def _store(self, w2: Tensor, clip_ratio: ClipRatio | None) -> None:
-        """Quantize ``w2 [N, K]`` (any float dtype; scales computed in float32) into the buffers."""
+    def _store(
+        self,
+        w2: Tensor,
+        clip_ratio: ClipRatio | None,
+        scale: Tensor | None = None,
+        zero_point: Tensor | None = None,
+    ) -> None:
+        """Quantize ``w2 [N, K]`` (any float dtype; scales computed in float32) into the buffers.
+
+        ``scale`` (shape S) and ``zero_point`` (asymmetric int only) replace the min/max scales when given: GPTQ
+        chooses its scales before it updates the weight, and ``w2`` then already lies on their grid.
+        """
         fmt = self.weight_fmt
         w2 = w2.detach()
-        scale, zp = compute_scales(w2, fmt, 1.0 if clip_ratio is None else clip_ratio)
+        if scale is None:
+            if zero_point is not None:
+                raise ValueError("a zero point was given without its scale")
+            scale, zp = compute_scales(w2, fmt, 1.0 if clip_ratio is None else clip_ratio)
+        else:
+            if clip_ratio is not None:
+                raise ValueError("clip_ratio applies to computed scales; bake it into a given scale")
+            want = _scale_shape(self._n, self._k, fmt)
+            if tuple(scale.shape) != want or (zero_point is None) != fmt.symmetric:
+                raise ValueError(
+                    f"given weight scales {tuple(scale.shape)} (zero point: {zero_point is not None}) do not fit "
+                    f"{fmt.name} on [{self._n}, {self._k}]: expected {want}"
+                    + ("" if fmt.symmetric else " and a zero point of the same shape")
+                )
+            scale, zp = scale.detach(), None if zero_point is None else zero_point.detach()
         scale = scale.to(torch.float32)
         zp = None if zp is None else zp.to(torch.float32)
         codes = quantize(w2.to(torch.float32), fmt, scale, zp)
@@ -172,6 +196,10 @@ class QuantLinear(_QuantWeight):
         weight_fmt: QuantFormat,
         act_fmt: QuantFormat | None = None,
         clip_ratio: ClipRatio | None = None,
+        *,
+        weight: Tensor | None = None,
+        scale: Tensor | None = None,
+        zero_point: Tensor | None = None,
     ) -> QuantLinear:
         """Quantize ``linear`` round-to-nearest (RTN).
 
@@ -181,6 +209,9 @@ class QuantLinear(_QuantWeight):
             act_fmt: dynamic input format, or None for weight-only.
             clip_ratio: None (min/max scales), a float in (0, 1], or a tensor of the scale shape S (e.g. from
                 ``mse_clip_search(linear.weight, weight_fmt)``).
+            weight: [N, K] quantized instead of ``linear.weight`` (e.g. GPTQ's error-compensated weight).
+            scale, zero_point: static weight scales of shape S (and zero points for asymmetric int) instead of
+                min/max ones; with ``weight`` on their grid the stored codes reproduce it exactly.
 
         Returns:
             A QuantLinear on the layer's device.
@@ -197,7 +228,9 @@ class QuantLinear(_QuantWeight):
             dtype=w.dtype,
             device=w.device,
         )
-        q._store(w, clip_ratio)
+        if weight is not None and tuple(weight.shape) != tuple(w.shape):
+            raise ValueError(f"weight {tuple(weight.shape)} does not match the layer's {tuple(w.shape)}")
+        q._store(w if weight is None else weight, clip_ratio, scale, zero_point)
         if linear.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
