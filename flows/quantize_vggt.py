@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from qvggt.config import ProjectConfig, load_config
 from qvggt.pipeline.preflight import check_tracking_uri
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
+from tasks.compare import compare_configs
 from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
 
 
@@ -85,6 +86,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     ]
     eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames)
     metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
+    _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
     bench = benchmark(checkpoints, str(out / "bench"))
     run_id = flow_run.get_id() or "local"
     revision = _git_revision()

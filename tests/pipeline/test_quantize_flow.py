@@ -72,16 +72,17 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
         assert len(r.data.tags["base_sha256"]) == 64 and r.data.tags["gpu_benchmark"] == "False"
         assert r.data.tags["prefect_flow_run_id"] not in ("", "local")
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"checkpoint", "report"}
+        assert "report/comparison.png" in {a.path for a in client.list_artifacts(r.info.run_id, "report")}
 
     mtimes = {p: p.stat().st_mtime_ns for p in checkpoints}
     second = _run(tmp, params)
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     calibration = ("build-pool", "collect-stats", "filter-noisy", "cluster-frames")
-    for step in (*calibration, "quantize", "evaluate", "track", "register"):
+    for step in (*calibration, "quantize", "evaluate", "compare-configs", "track", "register"):
         assert f"Task run '{step}-" in log
-    # Every calibration, quantize, evaluate, track and register step:
-    assert log.count("Cached(type=COMPLETED)") == len(calibration) + 2 + 1 + 2 + 1
+    # Every calibration, quantize, evaluate, compare, track and register step:
+    assert log.count("Cached(type=COMPLETED)") == len(calibration) + 2 + 1 + 1 + 2 + 1
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == mtimes  # no work redone
     assert len(client.search_runs([exp.experiment_id])) == 2  # nothing logged twice
 
