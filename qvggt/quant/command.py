@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,31 +27,52 @@ class QuantizeResult:
     num_calibration_samples: int
 
 
-def make_config(
-    method: str, wbits: int, abits: int | None, group_size: int | None, coverage: str, fp8: bool
-) -> QuantConfig:
-    """The method's config for W{wbits}A{abits}; ValueError for unknown methods or impossible formats."""
-    weight, act = weight_activation_formats(wbits, abits, group_size=group_size, fp8=fp8)
-    common = {"weight": weight, "activation": act, "coverage": Coverage(coverage)}
+def _config_class(method: str) -> type[QuantConfig]:
     if method == "rtn":
-        return RTNConfig(**common)
+        return RTNConfig
     if method == "smoothquant":
         from qvggt.quant.smooth import SmoothQuantConfig
 
-        return SmoothQuantConfig(**common)
+        return SmoothQuantConfig
     if method == "quarot":
         from qvggt.quant.quarot import QuaRotConfig
 
-        return QuaRotConfig(**common)
+        return QuaRotConfig
     if method == "gptq":
         from qvggt.quant.gptq import GPTQConfig
 
-        return GPTQConfig(**common)
+        return GPTQConfig
     if method == "quantvggt":
         from qvggt.quant.dsfq import QuantVGGTConfig
 
-        return QuantVGGTConfig(**common)
+        return QuantVGGTConfig
     raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+
+
+def make_config(
+    method: str,
+    wbits: int,
+    abits: int | None,
+    group_size: int | None,
+    coverage: str,
+    fp8: bool,
+    options: Mapping[str, Any] | None = None,
+) -> QuantConfig:
+    """The method's config for W{wbits}A{abits}; ValueError for unknown methods, impossible formats, or
+    ``options`` (extra config fields, e.g. ``{"gptq": True}`` for quantvggt, ``{"act_order": True}`` for gptq)
+    that the method does not have (the message lists the ones it has)."""
+    cls = _config_class(method)
+    weight, act = weight_activation_formats(wbits, abits, group_size=group_size, fp8=fp8)
+    common: dict[str, Any] = {"weight": weight, "activation": act, "coverage": Coverage(coverage)}
+    options = dict(options or {})
+    fields = {f.name for f in dataclasses.fields(cls)} - {"version"}
+    bad = sorted(set(options) - (fields - set(common)))
+    if bad:
+        raise ValueError(
+            f"method {method!r} has no option(s) {bad}; its options: {sorted(fields - set(common))} "
+            "(formats and coverage come from wbits/abits/group_size/fp8/coverage)"
+        )
+    return cls(**common, **options)
 
 
 def calibration_batches(
@@ -91,6 +115,7 @@ def run_quantize(
     calib_frames: int = 4,
     data: DataConfig | None = None,
     calib_manifest: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> QuantizeResult:
     """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON).
 
@@ -99,7 +124,7 @@ def run_quantize(
     are then unused), otherwise the first ``calib_scenes`` scenes of the calibration split with ``calib_frames``
     views each. The checkpoint's manifest records the sample ids and the calibration manifest's sha256. A data-free
     method (``rtn``) ignores ``calib_manifest`` and records no calibration, so one pipeline setting serves every
-    method.
+    method. ``options``: extra fields of the method's config (``make_config``), e.g. ``{"gptq": True}``.
 
     Raises:
         ValueError: unknown method or coverage, impossible formats, or a calibration manifest that is not one,
@@ -108,7 +133,7 @@ def run_quantize(
     """
     if coverage not in {c.value for c in Coverage}:
         raise ValueError(f"unknown coverage {coverage!r}; use default or full")
-    config = make_config(method, wbits, abits, group_size, coverage, fp8)
+    config = make_config(method, wbits, abits, group_size, coverage, fp8, options)
     if calib_manifest is not None and not Path(calib_manifest).is_file():
         # Checked before the model loads: a typo must not cost a model load (or silently fall back to scenes).
         raise FileNotFoundError(f"calibration manifest not found: {calib_manifest} (write one with qvggt calibrate)")

@@ -19,12 +19,25 @@ Then SmoothQuant's calibration (statistics of the *rotated* activations against 
 published code's numerator/denominator mismatch is avoided by construction) and RTN (min/max scales; see
 ``clip_search`` for why the min-MSE clipping search is off by default).
 
+Options beyond the engine's default path (both off by default):
+
+    norm_input_rotation   the paper's rotation of *every* Linear input: qkv and fc1 also get an online Hadamard
+                          (full width: the largest power of two dividing it) on their LayerNorm-output input,
+                          recorded in ``QuantLinear.input_hadamard`` like fc2's. Their smoothing is then dropped:
+                          a scale folded into LayerNorm acts *before* the rotation, so it cannot balance the rotated
+                          channels (that would need an online per-channel multiply after the rotation). The engine
+                          refuses these checkpoints until its LayerNorm -> quantization kernel gains a rotation stage.
+    gptq                  GPTQ weights (``qvggt.quant.gptq``) instead of RTN, on Hessians of the rotated, smoothed
+                          inputs: the hooks record X^T X of the rotated input, and smoothing x -> x / s turns it
+                          into H / (s s^T) exactly, so no second calibration pass is needed.
+
 The published code also learns clipping and smoothing by block-wise reconstruction (15 epochs of AdamW per block);
 that stage is not implemented here: a documented gap, see docs/QUANTIZATION.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,10 +48,13 @@ from torch.utils.hooks import RemovableHandle
 from qvggt.model.layers import Block
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
 from qvggt.quant.config import QuantConfig
-from qvggt.quant.coverage import FilterFn, plan_layers
+from qvggt.quant.coverage import FilterFn, plan_layers, replace_module
+from qvggt.quant.gptq import HessianRecorder, gptq_quantize
 from qvggt.quant.hadamard import block_hadamard_transform, hadamard_transform
 from qvggt.quant.linear import QuantLinear
-from qvggt.quant.smooth import SmoothQuantConfig, SmoothQuantHandler
+from qvggt.quant.quarot import rotation_block_for
+from qvggt.quant.rtn import quantize_module
+from qvggt.quant.smooth import SmoothLayer, SmoothQuantConfig, SmoothQuantHandler, apply_smoothing_
 
 __all__ = ["QuantVGGTConfig", "rotate_fc2_input_", "rotate_heads_"]
 
@@ -55,6 +71,8 @@ class QuantVGGTConfig(SmoothQuantConfig):
             it raised the pose-encoding error 17x (1.0e-3 -> 1.8e-2): after smoothing, the weight columns of the
             massive channels are the large ones, and a weight-only MSE criterion clips exactly those, ignoring that
             they multiply the largest activations (an activation-aware search would be needed).
+        norm_input_rotation: online full-width Hadamard on qkv's and fc1's inputs too (module docstring).
+        gptq: GPTQ weights instead of RTN (module docstring); ``gptq_damp`` its relative damping.
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
@@ -62,9 +80,19 @@ class QuantVGGTConfig(SmoothQuantConfig):
     head_rotation: bool = True
     fc2_rotation_block: int = 128
     clip_search: bool = False
+    norm_input_rotation: bool = False
+    gptq: bool = False
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for flag in ("norm_input_rotation", "gptq"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantVGGTConfig.{flag} must be a bool, got {getattr(self, flag)!r}")  # noqa: TRY004
+        d = self.gptq_damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d > 0:
+            raise ValueError(f"QuantVGGTConfig.gptq_damp must be a positive float, got {d!r}")
+        object.__setattr__(self, "gptq_damp", float(d))
         b = self.fc2_rotation_block
         if isinstance(b, bool) or not isinstance(b, int) or b < 0 or (b and b & (b - 1)):
             raise ValueError(f"QuantVGGTConfig.fc2_rotation_block must be 0 or a power of two, got {b!r}")
@@ -112,7 +140,8 @@ def rotate_fc2_input_(linear: nn.Linear, block: int) -> RemovableHandle:
 class _DSFQState:
     smooth: Any
     hooks: list[RemovableHandle]
-    fc2_names: list[str]
+    online: dict[str, int]  # layer name -> block of its online input Hadamard
+    hessians: HessianRecorder | None = None
 
 
 @register_quantize_handler(QuantVGGTConfig)
@@ -126,7 +155,8 @@ class QuantVGGTHandler(QuantizeHandler):
         assert isinstance(config, QuantVGGTConfig)
         plans = plan_layers(model, config.coverage, config.weight, config.activation, config.layer_overrides, filter_fn)
         hooks: list[RemovableHandle] = []
-        fc2_names: list[str] = []
+        online: dict[str, int] = {}
+        smooth_config = config
         try:
             for name, block in _blocks(model).items():
                 planned = {n[len(name) + 1 :] for n in plans if n.startswith(name + ".")}
@@ -136,31 +166,69 @@ class QuantVGGTHandler(QuantizeHandler):
                 b = config.fc2_rotation_block
                 if b and "mlp.fc2" in planned and fc2.in_features % b == 0:
                     hooks.append(rotate_fc2_input_(fc2, b))
-                    fc2_names.append(f"{name}.mlp.fc2")
-            smooth = SmoothQuantHandler().prepare(model, config, filter_fn)
+                    online[f"{name}.mlp.fc2"] = b
+                if config.norm_input_rotation:
+                    for sub, linear in (("attn.qkv", block.attn.qkv), ("mlp.fc1", block.mlp.fc1)):
+                        b = rotation_block_for(linear.in_features)
+                        if sub in planned and b:
+                            hooks.append(rotate_fc2_input_(linear, b))  # the same online identity as fc2's
+                            online[f"{name}.{sub}"] = b
+            if config.norm_input_rotation:
+                # A LayerNorm fold acts before the online rotation: it cannot balance rotated channels.
+                kept = tuple(k for k in config.smooth_layers if k is SmoothLayer.PROJ)
+                if not kept:
+                    raise ValueError(
+                        "QuantVGGTConfig: norm_input_rotation leaves only proj smoothable, and smooth_layers "
+                        "excludes it: add 'proj' to smooth_layers"
+                    )
+                smooth_config = dataclasses.replace(config, smooth_layers=kept)
+            smooth = SmoothQuantHandler().prepare(model, smooth_config, filter_fn)
+            hessians = None
+            if config.gptq:  # registered after the rotation hooks: Hessians of the rotated inputs
+                hessians = HessianRecorder().attach(
+                    {n: p.module for n, p in plans.items() if isinstance(p.module, nn.Linear)}
+                )
         except Exception:
             for h in hooks:
                 h.remove()
             raise
-        return _DSFQState(smooth, hooks, fc2_names)
+        return _DSFQState(smooth, hooks, online, hessians)
 
     def convert(
         self, model: nn.Module, config: QuantConfig, state: Any, filter_fn: FilterFn | None = None
     ) -> nn.Module:
         assert isinstance(config, QuantVGGTConfig) and isinstance(state, _DSFQState)
-        for h in state.hooks:
-            h.remove()
-        state.hooks.clear()
-        SmoothQuantHandler().convert(model, config, state.smooth, filter_fn)
+        self.release(model, state)
+        smooth = state.smooth
+        scales = apply_smoothing_(smooth.targets, smooth.recorder.absmax, config.alpha)
+        for name, plan in smooth.plans.items():  # plan.module is the (now rotated and smoothed) float Linear
+            if state.hessians is not None and isinstance(plan.module, nn.Linear):
+                h = state.hessians.hessian(name)
+                del state.hessians.sums[name]
+                if name in scales:  # input x / s: Hessian diag(1/s) H diag(1/s)
+                    inv = 1.0 / scales[name].to(h.device, h.dtype)
+                    h = h * inv[:, None] * inv[None, :]
+                q, scale, zp = gptq_quantize(
+                    plan.module.weight, h, plan.weight, damp=config.gptq_damp, clip_search=config.clip_search
+                )
+                new = QuantLinear.from_float(
+                    plan.module, plan.weight, plan.activation, weight=q, scale=scale, zero_point=zp
+                )
+            else:
+                new = quantize_module(plan, config.clip_search)
+            replace_module(model, name, new)
         modules = dict(model.named_modules())
-        for name in state.fc2_names:
+        for name, b in state.online.items():
             q = modules[name]
             assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
-            q.input_hadamard = config.fc2_rotation_block
+            q.input_hadamard = b
         return model
 
     def release(self, model: nn.Module, state: Any) -> None:
         if isinstance(state, _DSFQState):
             for h in state.hooks:
                 h.remove()
+            state.hooks.clear()
+            if state.hessians is not None:
+                state.hessians.remove()
             SmoothQuantHandler().release(model, state.smooth)
