@@ -313,9 +313,7 @@ def reproduce_table_(
     checkpoint: Annotated[Path, typer.Option(help="Float VGGT checkpoint (VGGT-1B for the paper's numbers).")],
     co3d: Annotated[Path, typer.Option(help="Co3Dv2 root in its published layout.")],
     out: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/paper_table"),
-    methods: Annotated[
-        str, typer.Option(help="Comma-separated methods (gptq and quarot are not implemented yet).")
-    ] = "rtn,smoothquant,quantvggt",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "rtn,gptq,smoothquant,quarot,quantvggt",
     bits: Annotated[str, typer.Option(help="Comma-separated bit settings.")] = "w8a8,w4a4",
     frames: Annotated[str, typer.Option(help="Comma-separated frames per sequence.")] = "10,20",
     calib_sequences: Annotated[int, typer.Option(help="Calibration sequences (Co3D train split).")] = 20,

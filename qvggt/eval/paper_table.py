@@ -98,7 +98,7 @@ def reproduce_table(
     checkpoint: str | Path,
     co3d_root: str | Path,
     out: str | Path,
-    methods: Sequence[str] = ("rtn", "smoothquant", "quantvggt"),
+    methods: Sequence[str] = ("rtn", "gptq", "smoothquant", "quarot", "quantvggt"),
     bits: Sequence[str] = ("w8a8", "w4a4"),
     frames: Sequence[int] = (10, 20),
     calib_sequences: int = 20,
