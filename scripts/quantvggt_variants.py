@@ -1,0 +1,42 @@
+"""quantvggt variants (method options) and the strongest baseline, QuaRot + GPTQ, on one model: quantize each at
+W4A8 and W4A4 on the default calibration set, evaluate all against the FP model on the same held-out scenes, print
+the markdown table (scripts/method_table.py).
+
+Usage: python scripts/quantvggt_variants.py [BASE] [OUT]   (defaults: models/small/model.safetensors runs/variants)
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from qvggt.config import load_config
+from qvggt.eval.command import run_eval
+from qvggt.quant.command import run_quantize
+
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "quantvggt": ("quantvggt", {}),
+    "quantvggt+gptq": ("quantvggt", {"gptq": True}),
+    "quantvggt+lnrot": ("quantvggt", {"norm_input_rotation": True}),
+    "quantvggt+lnrot+gptq": ("quantvggt", {"norm_input_rotation": True, "gptq": True}),
+    "quarot+gptq": ("gptq", {"rotate": True}),
+}
+
+
+def main(base: str = "models/small/model.safetensors", out: str = "runs/variants") -> None:
+    data = load_config("params.yaml").data
+    root = Path(out)
+    compare = []
+    for name, (method, options) in VARIANTS.items():
+        for wbits, abits in ((4, 8), (4, 4)):
+            dest = root / f"{name}-w{wbits}a{abits}"
+            compare.append(str(run_quantize(method, wbits, abits, dest, base, data=data, options=options).path))
+    shutil.rmtree(root / "eval", ignore_errors=True)
+    run_eval(base, compare, "synthetic:eval", root / "eval", frames=4, scenes=16, data=data, progress=False)
+    subprocess.run([sys.executable, "scripts/method_table.py", str(root / "eval" / "metrics.json")], check=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
