@@ -23,6 +23,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from qvggt.config import ProjectConfig, load_config
+from qvggt.io import sha256_file
 from qvggt.pipeline.preflight import check_tracking_uri
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.compare import compare_configs
@@ -35,6 +36,13 @@ def _git_revision() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _dvc_revision() -> str:
+    """The DVC side of the data's version: sha256 (first 12) of ``dvc.lock``, which pins every DVC-owned artifact
+    (the embedded model, the DVC stages' outputs) by content; "none" outside a DVC project."""
+    lock = Path("dvc.lock")
+    return sha256_file(lock)[:12] if lock.is_file() else "none"
 
 
 def _verified(path: str, step: Any, *args: Any) -> str:
@@ -89,11 +97,11 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
     bench = benchmark(checkpoints, str(out / "bench"))
     run_id = flow_run.get_id() or "local"
-    revision = _git_revision()
+    revision, dvc_rev = _git_revision(), _dvc_revision()
     runs = {}
     for job, ckpt in zip(jobs, checkpoints, strict=True):
         name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
-        rid = track(job, ckpt, metrics_path, bench, base_sha, cfg.mlflow_tracking_uri, run_id, revision)
+        rid = track(job, ckpt, metrics_path, bench, base_sha, cfg.mlflow_tracking_uri, run_id, revision, dvc_rev)
         runs[name] = {"checkpoint": ckpt, "mlflow_run_id": rid}
     registry = register(runs, metrics_path, bench, model_name, base_sha, cfg.mlflow_tracking_uri)
     return {

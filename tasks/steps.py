@@ -91,12 +91,12 @@ def _track_key(context: Any, p: dict[str, Any]) -> str:
 @task(name="track", cache_key_fn=_track_key, **RETRY)
 def track(
     job: dict, checkpoint: str, metrics_path: str, bench: dict, base_sha256: str, tracking_uri: str, flow_run_id: str,
-    git_revision: str = "unknown",
+    git_revision: str = "unknown", dvc_revision: str = "unknown",
 ) -> str:
     """Log one quantized config to MLflow (experiment per base model); returns the run id.
 
-    The git revision is a tag, not part of the cache key: a commit that changes no code this step depends on does
-    not re-log (the run keeps the revision that produced it)."""
+    The git and DVC revisions are tags, not part of the cache key: a commit that changes no code this step depends
+    on does not re-log (the run keeps the revisions that produced it)."""
     from qvggt.pipeline.tracking import log_quantized_run
     from qvggt.quant.export import read_manifest
 
@@ -107,11 +107,16 @@ def track(
     for k, entry in metrics_doc.get("comparison", {}).get(model_key, {}).items():
         if "retention" in entry:
             metrics[f"retention_{k}"] = entry["retention"]
-    summary = read_manifest(checkpoint)["summary"]
+    packed = read_manifest(checkpoint)
+    summary = packed["summary"]
+    calibration = packed.get("calibration") or {}
     metrics.update(weight_bytes=summary["weight_bytes_after"], compression=summary["compression"])
     tags = {
         "base_sha256": base_sha256, "prefect_flow_run_id": flow_run_id, "git_revision": git_revision,
-        "gpu_benchmark": str(not bench["skipped"]),
+        "gpu_benchmark": str(not bench["skipped"]), "dvc_revision": dvc_revision,
+        # Which calibration set (qvggt calibrate manifest) it saw; "none" for data-free methods such as rtn.
+        "calib_manifest_sha256": calibration.get("manifest_sha256") or "none",
+        "calib_samples": str(len(calibration.get("sample_ids") or [])),
     }  # fmt: skip
     if bench["skipped"]:
         tags["gpu_benchmark_skipped_reason"] = bench["reason"]

@@ -71,6 +71,9 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
         assert "fid_pose_auc_at_30" in r.data.metrics and r.data.metrics["weight_bytes"] > 0
         assert len(r.data.tags["base_sha256"]) == 64 and r.data.tags["gpu_benchmark"] == "False"
         assert r.data.tags["prefect_flow_run_id"] not in ("", "local")
+        calibrated = r.info.run_name.startswith("smoothquant")  # rtn is data-free: no calibration set
+        assert len(r.data.tags["calib_manifest_sha256"]) == (64 if calibrated else len("none"))
+        assert r.data.tags["dvc_revision"] == "none"  # run outside a DVC project (tmp folder)
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"checkpoint", "report"}
         assert "report/comparison.png" in {a.path for a in client.list_artifacts(r.info.run_id, "report")}
 
