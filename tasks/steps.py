@@ -76,9 +76,15 @@ def benchmark(quantized: list[str], out_dir: str) -> dict:
         return {"skipped": True, "reason": reason}
     from qvggt.bench.configs import parse_configs
     from qvggt.bench.run import run_bench
+    from qvggt.pipeline.oom import retry_smaller_on_oom
 
-    doc = run_bench(Path(out_dir), parse_configs("published,bf16-fused,w8a8-fp8,w4a8-fp8"), [8, 32])
-    return {"skipped": False, "bench_json": str(Path(out_dir) / "bench.json"), "gpu": doc["env"].get("gpu")}
+    configs = parse_configs("published,bf16-fused,w8a8-fp8,w4a8-fp8")
+    # Out of memory is retried with fewer frames (the smaller chunk), not failed and not retried as is.
+    doc, frames = retry_smaller_on_oom(lambda f: run_bench(Path(out_dir), configs, f), [8, 32])
+    return {
+        "skipped": False, "bench_json": str(Path(out_dir) / "bench.json"), "gpu": doc["env"].get("gpu"),
+        "frames": frames,
+    }  # fmt: skip
 
 
 def _track_key(context: Any, p: dict[str, Any]) -> str:
