@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,16 @@ from typing import Any
 TRANSIENT = (ConnectionError, TimeoutError, BlockingIOError, InterruptedError)
 
 
+# OSErrors that a retry a second later cannot fix: the disk is full, the folder is read-only, the file too large.
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM})
+
+
 def is_transient(error: BaseException) -> bool:
-    """Transient: connection/timeouts, and OSErrors that are not about a missing file or a permission."""
+    """Transient: connection/timeouts, and OSErrors that are not about a missing file, a permission, a full disk or
+    a read-only filesystem."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, OSError) and error.errno in PERMANENT_ERRNOS:
         return False
     return isinstance(error, TRANSIENT) or type(error) is OSError
 
