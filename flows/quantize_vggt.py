@@ -12,12 +12,17 @@ finished steps (artifacts are written atomically).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tasks` is a top-level folder of the repo
+# A fresh PREFECT_HOME migrates its database when the temporary server first starts; on a busy 2-core machine that
+# took longer than Prefect's 20 s default (measured: `make demo` on a fresh clone failed with "Timed out while
+# attempting to connect to ephemeral Prefect API server"). Set before prefect reads its settings.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow
 from prefect.runtime import flow_run
