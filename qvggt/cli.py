@@ -15,6 +15,18 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=1)
 
 
+def _check_device(device: str) -> None:
+    """ValueError naming the fix when a CUDA device is asked for and none is visible (torch would assert instead)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device} was given but no CUDA GPU is visible to torch: use --device cpu, or run on a "
+                "machine with a GPU (and a CUDA build of torch)"
+            )
+
+
 @app.command()
 def predict(
     source: Annotated[str, typer.Argument(help="A folder of images, or synthetic:SEED for a rendered scene.")],
@@ -42,6 +54,7 @@ def predict(
     from qvggt.predict import predict as run  # lazy: keeps `qvggt --help` fast
 
     try:
+        _check_device(device)
         p = load_config(params).predict
         # params.yaml's model is the default only when the command names no model at all.
         if checkpoint is None and preset is None and p.checkpoint:
@@ -120,6 +133,7 @@ def eval_(
     from qvggt.eval.runner import format_table
 
     try:
+        _check_device(device)
         data = load_config(params).data
         result = run_eval(model, compare or [], dataset, out, frames, scenes, baseline, dtype, device, data)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
