@@ -66,6 +66,9 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
     assert (clone / "runs/dvc/calibrate/manifest.json").is_file()
     metrics = _sh([DVC, "metrics", "show", "--json"], clone)
     assert metrics.returncode == 0 and "rtn-w8a8" in metrics.stdout, metrics.stderr
+    plots = _sh([DVC, "plots", "show", "--json"], clone)
+    assert plots.returncode == 0 and "auc_curves.png" in plots.stdout, plots.stdout[-2000:] + plots.stderr[-2000:]
+    assert '"errors"' not in plots.stdout, plots.stdout[-2000:]
 
     second = _sh([DVC, "repro"], clone)
     assert second.returncode == 0, second.stderr[-3000:]
