@@ -92,12 +92,13 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     base_sha = verify_base_weights(base)
     manifest = _calibration_set(base, project, out / "calib")
     jobs = [job.model_dump() for job in cfg.jobs]
-    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes, manifest) for job in jobs]
+    data = project.data.model_dump(mode="json")  # the splits every step draws from, part of their cache keys
+    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes, manifest, data) for job in jobs]
     checkpoints = [
-        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes, manifest)
+        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes, manifest, data)
         for f, job in zip(futures, jobs, strict=True)
     ]
-    eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames)
+    eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames, data)
     metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
     _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
     bench = benchmark(checkpoints, str(out / "bench"))

@@ -14,11 +14,18 @@ from tasks.common import maybe_inject_fault, retry_transient
 RETRY = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient, "persist_result": True}
 
 
+def _data_config(data: dict | None) -> Any:
+    """params.yaml ``data`` (a JSON-able dict, so it hashes into cache keys) as the typed section; None: defaults."""
+    from qvggt.config import DataConfig
+
+    return DataConfig() if data is None else DataConfig.model_validate(data)
+
+
 def _quantize_key(context: Any, p: dict[str, Any]) -> str:
     manifest = [p["calib_manifest"]] if p.get("calib_manifest") else []  # the calibration set, by content
     return step_key(
         "quantize", [p["base_weights"], *manifest],
-        {"job": p["job"], "calib_scenes": p["calib_scenes"], "out": p["out_dir"]},
+        {"job": p["job"], "calib_scenes": p["calib_scenes"], "out": p["out_dir"], "data": p.get("data")},
         ("quant", "model", "data", "calib"),
     )  # fmt: skip
 
@@ -34,16 +41,20 @@ def verify_base_weights(base_weights: str) -> str:
 
 
 @task(name="quantize", cache_key_fn=_quantize_key, **RETRY)
-def quantize(job: dict, base_weights: str, out_dir: str, calib_scenes: int, calib_manifest: str | None = None) -> str:
+def quantize(
+    job: dict, base_weights: str, out_dir: str, calib_scenes: int, calib_manifest: str | None = None,
+    data: dict | None = None,
+) -> str:  # fmt: skip
     """Quantize ``base_weights`` as ``job`` ({method, wbits, abits}) on the calibration set of ``calib_manifest``
-    (the cluster-frames step's output); returns the packed checkpoint's path."""
+    (the cluster-frames step's output; ``data``: params.yaml ``data``, the splits it was drawn from); returns the
+    packed checkpoint's path."""
     from qvggt.quant.command import run_quantize
 
     maybe_inject_fault("quantize")
     name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
     result = run_quantize(
         job["method"], job["wbits"], job["abits"], Path(out_dir) / name, base_weights, calib_scenes=calib_scenes,
-        calib_manifest=calib_manifest,
+        calib_manifest=calib_manifest, data=_data_config(data),
     )  # fmt: skip
     return str(result.path)
 
@@ -51,17 +62,23 @@ def quantize(job: dict, base_weights: str, out_dir: str, calib_scenes: int, cali
 def _evaluate_key(context: Any, p: dict[str, Any]) -> str:
     return step_key(
         "evaluate", [p["base_weights"], *p["quantized"]], {"scenes": p["scenes"], "frames": p["frames"],
-                                                            "out": p["out_dir"]},
+                                                            "out": p["out_dir"], "data": p.get("data")},
         ("eval", "model", "data", "quant", "geometry"),
     )  # fmt: skip
 
 
 @task(name="evaluate", cache_key_fn=_evaluate_key, **RETRY)
-def evaluate(base_weights: str, quantized: list[str], out_dir: str, scenes: int, frames: int) -> str:
-    """FP and every quantized model on the same held-out scenes; returns the metrics.json path."""
+def evaluate(
+    base_weights: str, quantized: list[str], out_dir: str, scenes: int, frames: int, data: dict | None = None
+) -> str:
+    """FP and every quantized model on the same held-out scenes (params.yaml ``data``); returns the metrics.json
+    path."""
     from qvggt.eval.command import run_eval
 
-    run_eval(base_weights, quantized, "synthetic:eval", out_dir, frames=frames, scenes=scenes, progress=False)
+    run_eval(
+        base_weights, quantized, "synthetic:eval", out_dir, frames=frames, scenes=scenes, progress=False,
+        data=_data_config(data),
+    )  # fmt: skip
     return str(Path(out_dir) / "metrics.json")
 
 

@@ -104,6 +104,12 @@ def test_flow_runs_against_the_server_and_reruns_from_cache(server: tuple[str, d
     base = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "tiny.safetensors")
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["calibrate"] = {**doc["calibrate"], "pool_scenes": 4, "n_clusters": 2, "n_per_cluster": 1, "n_init": 2}
+    # Non-default splits: every step (calibration, quantize on the manifest, evaluation) must draw from these.
+    doc["data"] = {
+        **doc["data"],
+        "calib_seeds": {"start": 150_000, "stop": 150_100},
+        "eval_seeds": {"start": 250_000, "stop": 250_100},
+    }
     doc["pipeline"] = {
         "base_weights": str(base), "jobs": [{"method": "smoothquant", "wbits": 8, "abits": 8}], "calib_scenes": 1,
         "eval_scenes": 1, "eval_frames": 2, "out_dir": str(tmp_path / "out"),
@@ -115,6 +121,11 @@ def test_flow_runs_against_the_server_and_reruns_from_cache(server: tuple[str, d
         r = _flow(tmp_path, env)
         assert r.returncode == 0, f"{attempt} run:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         assert "Starting temporary server" not in r.stdout + r.stderr  # it used the configured server
+
+    manifest = json.loads((tmp_path / "out" / "calib" / "manifest.json").read_text())
+    assert all(sid.endswith(("/150000", "/150001", "/150002", "/150003")) for sid in manifest["pool_ids"])
+    scenes = [json.loads(line) for line in (tmp_path / "out" / "eval" / "scenes.jsonl").read_text().splitlines()]
+    assert [s["sample_id"].rsplit("/", 1)[1] for s in scenes] == ["250000"]
 
     runs = _api(f"{api}/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})
     runs = [fr for fr in runs if fr["state_type"] == "COMPLETED"]
