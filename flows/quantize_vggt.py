@@ -101,7 +101,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames, data)
     metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
     _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
-    bench = benchmark(checkpoints, str(out / "bench"))
+    bench = benchmark(checkpoints, str(out / "bench"), jobs)
     run_id = flow_run.get_id() or "local"
     revision, dvc_rev = _git_revision(), _dvc_revision()
     runs = {}

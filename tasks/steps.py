@@ -83,8 +83,9 @@ def evaluate(
 
 
 @task(name="benchmark", **RETRY)
-def benchmark(quantized: list[str], out_dir: str) -> dict:
-    """GPU speed of the engine configs; without a GPU, a visible skip with its reason (nothing is timed)."""
+def benchmark(quantized: list[str], out_dir: str, jobs: list[dict] | None = None) -> dict:
+    """GPU speed of the engine configs of ``jobs`` (their formats) against the published recipe; without a GPU, a
+    visible skip with its reason (nothing is timed)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -93,9 +94,11 @@ def benchmark(quantized: list[str], out_dir: str) -> dict:
         return {"skipped": True, "reason": reason}
     from qvggt.bench.configs import parse_configs
     from qvggt.bench.run import run_bench
+    from qvggt.pipeline.bench_metrics import bench_configs_for
     from qvggt.pipeline.oom import retry_smaller_on_oom
 
-    configs = parse_configs("published,bf16-fused,w8a8-fp8,w4a8-fp8")
+    names = bench_configs_for(jobs) if jobs else ["published", "bf16-fused", "w8a8-fp8", "w4a8-fp8"]
+    configs = parse_configs(",".join(names))
     # Out of memory is retried with fewer frames (the smaller chunk), not failed and not retried as is.
     doc, frames = retry_smaller_on_oom(lambda f: run_bench(Path(out_dir), configs, f), [8, 32])
     return {
@@ -134,6 +137,10 @@ def track(
     summary = packed["summary"]
     calibration = packed.get("calibration") or {}
     metrics.update(weight_bytes=summary["weight_bytes_after"], compression=summary["compression"])
+    if not bench["skipped"]:  # latency, frames/s, peak memory and speedup of this job's formats, per frame count
+        from qvggt.pipeline.bench_metrics import bench_metrics
+
+        metrics.update(bench_metrics(bench["bench_json"], job["wbits"], job["abits"]))
     tags = {
         "base_sha256": base_sha256, "prefect_flow_run_id": flow_run_id, "git_revision": git_revision,
         "gpu_benchmark": str(not bench["skipped"]), "dvc_revision": dvc_revision,
