@@ -19,7 +19,9 @@ def main(path: str) -> None:
     fp_name = next(iter(agg))
     fp = agg[fp_name]
     print(f"FP ({fp_name}): depth AbsRel {fp['depth_abs_rel']:.4f}, Chamfer {fp['pm_chamfer']:.4f}\n")
-    print("| method | bits | fid pose AUC@30 | rel L2 pose enc | rel L2 depth | rel L2 points | depth AbsRel | Chamfer |")
+    print(
+        "| method | bits | fid pose AUC@30 | rel L2 pose enc | rel L2 depth | rel L2 points | depth AbsRel | Chamfer |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in doc["comparison"]:
         m = agg[name]
