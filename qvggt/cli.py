@@ -144,7 +144,7 @@ def eval_(
 
 @app.command()
 def quantize(
-    method: Annotated[str, typer.Option(help="rtn, smoothquant or quantvggt (DSFQ).")] = "rtn",
+    method: Annotated[str, typer.Option(help="rtn, gptq, smoothquant, quarot or quantvggt (DSFQ).")] = "rtn",
     wbits: Annotated[int, typer.Option(help="Weight bits (2-8; 8 with --fp8).")] = 8,
     abits: Annotated[int | None, typer.Option(help="Activation bits; leave out for weight-only.")] = 8,
     group_size: Annotated[int | None, typer.Option(help="Per-group weight scales of this size.")] = None,
