@@ -1,8 +1,17 @@
-"""Fused LayerNorm -> dynamic per-token quantization (int8 or fp8 e4m3) in one Triton kernel.
+"""Fused LayerNorm -> (block Hadamard) -> dynamic per-token quantization (int8 or fp8 e4m3) in one Triton kernel.
 
 Reads each row of ``x`` once and writes 1-byte codes plus one float32 scale per row, instead of LayerNorm writing
 a float32 activation that a separate quantization kernel reads back (the two-kernel recipe measured slower than
 bf16 on Hopper). Twins: ``qvggt.kernels.reference.layernorm_quant_ref`` / ``token_quant_ref``.
+
+Optional rotation stage (``hadamard=b``): between the LayerNorm and the quantization, each consecutive block of b
+channels of the normalized row is multiplied by the orthonormal Sylvester Hadamard H_b / sqrt(b), exactly what
+``QuantLinear.input_hadamard = b`` does before quantizing (``qvggt.quant.hadamard.block_hadamard_transform``;
+quarot, and quantvggt's ``norm_input_rotation``, put it on qkv's and fc1's LayerNorm outputs). It runs as a fast
+Walsh-Hadamard transform on the row in registers: log2(b) butterfly stages (a, b) -> (a + b, a - b) over lanes i
+and i + h (h = 1, 2, ..., b / 2), the same stages in the same order as the twin's ``_fwht_last``, then one IEEE
+division by float32(sqrt(b)): the rotated row is bit-identical to the twin's. Each stage regroups the row as
+[BLOCK_K / 2h, 2, h] and splits the size-2 axis (``tl.split`` / ``tl.join``): no gathers, no matrix in memory.
 
 Shape legend:
     M        rows (tokens), one program each
@@ -21,6 +30,7 @@ few ulps because the reductions sum in a different order):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,13 +39,23 @@ from torch import Tensor
 from qvggt.kernels import check_fallback_allowed, has_triton
 from qvggt.kernels.reference import TokenQuantFormat, layernorm_quant_ref, token_format, token_quant_ref
 
-__all__ = ["FALLBACK_CALLS", "KERNEL_CALLS", "MAX_K", "kernel_is_interpreted", "layernorm_quant", "token_quant"]
+__all__ = [
+    "FALLBACK_CALLS",
+    "KERNEL_CALLS",
+    "MAX_K",
+    "check_hadamard_block",
+    "kernel_is_interpreted",
+    "layernorm_quant",
+    "token_quant",
+]
 
 MAX_K = 8192  # one row in registers; wider rows would need a looped two-pass kernel (not needed: VGGT K <= 4096)
 
 # Which path each launcher took, by launcher name: proof for engines/tests that the kernel (not the twin) ran.
-KERNEL_CALLS: dict[str, int] = {"layernorm_quant": 0, "token_quant": 0}
-FALLBACK_CALLS: dict[str, int] = {"layernorm_quant": 0, "token_quant": 0}
+# Calls with a rotation stage count under their own "..._hadamard_..." names, so a test can see that stage ran.
+_NAMES = ("layernorm_quant", "token_quant", "layernorm_hadamard_quant", "token_hadamard_quant")
+KERNEL_CALLS: dict[str, int] = dict.fromkeys(_NAMES, 0)
+FALLBACK_CALLS: dict[str, int] = dict.fromkeys(_NAMES, 0)
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TINY = torch.finfo(torch.float32).tiny
@@ -45,6 +65,19 @@ if has_triton():
     import triton.language as tl
 
     from qvggt.kernels.rounding import round_to_fp8_grid, round_to_int_grid
+
+    @triton.jit
+    def _fwht_blocks(y, BLOCK_K: tl.constexpr, LOG2_HAD: tl.constexpr):
+        """Unnormalised FWHT of each 2^LOG2_HAD-lane block of the row y [BLOCK_K] (float32): y -> y @ H.
+
+        Stage s pairs lanes i and i + 2^s (bit s of i clear) as (a, b) -> (a + b, a - b), s = 0, 1, ...: the twin's
+        stage order, so every float32 sum is the same. Blocks are aligned, so no pair crosses a block boundary.
+        """
+        for s in tl.static_range(LOG2_HAD):
+            pairs = tl.permute(tl.reshape(y, (BLOCK_K >> (s + 1), 2, 1 << s)), (0, 2, 1))  # [.., h, 2]: (a, b)
+            a, b = tl.split(pairs)
+            y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BLOCK_K,))
+        return y
 
     @triton.jit
     def _layernorm_quant_kernel(
@@ -60,6 +93,8 @@ if has_triton():
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         APPLY_NORM: tl.constexpr,
+        LOG2_HAD: tl.constexpr,  # 0: no rotation; else rotate blocks of 2^LOG2_HAD channels
+        HAD_NORM: tl.constexpr,  # sqrt(2^LOG2_HAD), rounded to float32 when it meets the row
         IS_FP8: tl.constexpr,
         QMAX: tl.constexpr,
         TINY: tl.constexpr,
@@ -70,6 +105,8 @@ if has_triton():
         Contract: x [M, K] (fp32/bf16/fp16, unit stride along K, row stride ``stride_xm``); w, b [K] contiguous
         (read only if HAS_W / HAS_B); q [M, K] int8 or fp8e4nv with row stride ``stride_qm``; scale [M] float32;
         BLOCK_K a power of two >= K. APPLY_NORM=False skips the LayerNorm (plain per-token quantization).
+        LOG2_HAD > 0 rotates each block of 2^LOG2_HAD channels (a power of two dividing K) by the orthonormal
+        Hadamard before quantizing; padded lanes >= K hold zeros and form whole blocks of their own.
         """
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
@@ -87,6 +124,8 @@ if has_triton():
                 y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             y = x
+        if LOG2_HAD > 0:
+            y = tl.math.div_rn(_fwht_blocks(y, BLOCK_K, LOG2_HAD), HAD_NORM)
         amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
         scale = tl.maximum(tl.math.div_rn(amax, QMAX), TINY)
         v = tl.math.div_rn(y, scale)
@@ -109,7 +148,19 @@ def kernel_is_interpreted() -> bool:
     return all(type(f).__name__ == "InterpretedFunction" for f in (_layernorm_quant_kernel, tl.sum))
 
 
-def _check_inputs(x: Any, weight: Any, bias: Any, fmt: str) -> int:
+def check_hadamard_block(hadamard: Any, k: int) -> int:
+    """Validate a rotation block for rows of width ``k``: 0 (none) or a power of two >= 2 dividing k; returns it."""
+    if isinstance(hadamard, bool) or not isinstance(hadamard, int):
+        raise TypeError(f"hadamard must be an int block size (0: no rotation), got {hadamard!r}")
+    if hadamard and (hadamard < 2 or hadamard & (hadamard - 1) or k % hadamard):
+        raise ValueError(
+            f"hadamard={hadamard}: the rotation block must be a power of two >= 2 dividing the row width K={k} "
+            "(0 for no rotation)"
+        )
+    return hadamard
+
+
+def _check_inputs(x: Any, weight: Any, bias: Any, fmt: str, hadamard: Any = 0) -> int:
     """Validate the launcher arguments; returns K."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -132,6 +183,7 @@ def _check_inputs(x: Any, weight: Any, bias: Any, fmt: str) -> int:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     token_format(fmt)  # raises on an unknown fmt
+    check_hadamard_block(hadamard, k)
     return k
 
 
@@ -140,7 +192,7 @@ def _use_kernel(x: Tensor, k: int) -> bool:
 
 
 def _launch(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, fmt: str, apply_norm: bool
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, fmt: str, apply_norm: bool, hadamard: int
 ) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     qf = token_format(fmt)
@@ -162,6 +214,8 @@ def _launch(
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         APPLY_NORM=apply_norm,
+        LOG2_HAD=hadamard.bit_length() - 1 if hadamard else 0,
+        HAD_NORM=math.sqrt(hadamard) if hadamard else 1.0,
         IS_FP8=qf.is_float,
         QMAX=float(qf.qmax),
         TINY=_TINY,
@@ -177,45 +231,54 @@ def layernorm_quant(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     fmt: TokenQuantFormat = "int8",
+    hadamard: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Fused ``LayerNorm(x)`` (float32 math) followed by dynamic symmetric per-token quantization.
+    """Fused ``LayerNorm(x)`` (float32 math), optional block Hadamard, then dynamic symmetric per-token quantization.
 
     Runs the Triton kernel for CUDA tensors and under the Triton interpreter; otherwise (CPU without
-    ``TRITON_INTERPRET=1``, no triton, K > ``MAX_K``) runs the torch twin. ``KERNEL_CALLS["layernorm_quant"]`` or
-    ``FALLBACK_CALLS["layernorm_quant"]`` counts which one ran.
+    ``TRITON_INTERPRET=1``, no triton, K > ``MAX_K``) runs the torch twin. ``KERNEL_CALLS[name]`` or
+    ``FALLBACK_CALLS[name]`` counts which one ran, name = "layernorm_quant" (or "layernorm_hadamard_quant" with a
+    rotation).
 
     Args:
         x: [M, K] float32, bfloat16 or float16, contiguous.
         weight, bias: [K] LayerNorm affine (any float dtype, read as float32), or None.
         eps: LayerNorm epsilon (VGGT uses 1e-6 in its blocks).
         fmt: "int8" (codes in [-127, 127]) or "fp8_e4m3" (values in [-448, 448]).
+        hadamard: 0, or b: rotate each block of b channels of the normalized row by H_b / sqrt(b) before
+            quantizing (``QuantLinear.input_hadamard``); b a power of two >= 2 dividing K.
 
     Returns:
-        q: [M, K] int8 or float8_e4m3fn; scale: [M, 1] float32; ``q.float() * scale ~= layer_norm(x)``.
+        q: [M, K] int8 or float8_e4m3fn; scale: [M, 1] float32;
+        ``q.float() * scale ~= block_hadamard_transform(layer_norm(x), b)`` (or ``layer_norm(x)`` without b).
 
     Raises:
         TypeError / ValueError: on a non-tensor, non-2-D, empty, non-contiguous or non-float x, a weight or bias
-            not of shape [K] or on another device, or an unknown fmt.
+            not of shape [K] or on another device, an unknown fmt, or a rotation block that does not fit K.
     """
-    k = _check_inputs(x, weight, bias, fmt)
+    k = _check_inputs(x, weight, bias, fmt, hadamard)
+    name = "layernorm_hadamard_quant" if hadamard else "layernorm_quant"
     if not _use_kernel(x, k):
-        check_fallback_allowed("layernorm_quant", x)
-        FALLBACK_CALLS["layernorm_quant"] += 1
-        return layernorm_quant_ref(x, weight, bias, eps, fmt)
-    KERNEL_CALLS["layernorm_quant"] += 1
-    return _launch(x, weight, bias, eps, fmt, apply_norm=True)
+        check_fallback_allowed(name, x)
+        FALLBACK_CALLS[name] += 1
+        return layernorm_quant_ref(x, weight, bias, eps, fmt, hadamard)
+    KERNEL_CALLS[name] += 1
+    return _launch(x, weight, bias, eps, fmt, apply_norm=True, hadamard=hadamard)
 
 
-def token_quant(x: Tensor, fmt: TokenQuantFormat = "int8") -> tuple[Tensor, Tensor]:
-    """Dynamic symmetric per-token quantization of x [M, K] (the same kernel without the LayerNorm).
+def token_quant(x: Tensor, fmt: TokenQuantFormat = "int8", hadamard: int = 0) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-token quantization of x [M, K] (the same kernel without the LayerNorm), after an
+    optional block Hadamard of ``hadamard`` channels (the online input rotation of proj or fc2).
 
-    Same paths, counters (key ``"token_quant"``), arguments and returns as ``layernorm_quant``; twin
-    ``token_quant_ref``. Bit-exact with the twin, so it also pins down the quantization half of ``layernorm_quant``.
+    Same paths, counters (key ``"token_quant"``, or ``"token_hadamard_quant"`` with a rotation), arguments and
+    returns as ``layernorm_quant``; twin ``token_quant_ref``. Bit-exact with the twin, so it also pins down the
+    rotation and quantization stages of ``layernorm_quant``.
     """
-    k = _check_inputs(x, None, None, fmt)
+    k = _check_inputs(x, None, None, fmt, hadamard)
+    name = "token_hadamard_quant" if hadamard else "token_quant"
     if not _use_kernel(x, k):
-        check_fallback_allowed("token_quant", x)
-        FALLBACK_CALLS["token_quant"] += 1
-        return token_quant_ref(x, fmt)
-    KERNEL_CALLS["token_quant"] += 1
-    return _launch(x, None, None, 0.0, fmt, apply_norm=False)
+        check_fallback_allowed(name, x)
+        FALLBACK_CALLS[name] += 1
+        return token_quant_ref(x, fmt, hadamard)
+    KERNEL_CALLS[name] += 1
+    return _launch(x, None, None, 0.0, fmt, apply_norm=False, hadamard=hadamard)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qvggt.quant.formats import QuantFormat
+from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.quantizer import compute_scales, quantize
 
 __all__ = [
@@ -45,8 +46,11 @@ def token_format(fmt: str) -> QuantFormat:
     return QuantFormat(kind=kind, bits=bits, symmetric=True, granularity="token")
 
 
-def token_quant_ref(x: Tensor, fmt: TokenQuantFormat) -> tuple[Tensor, Tensor]:
+def token_quant_ref(x: Tensor, fmt: TokenQuantFormat, hadamard: int = 0) -> tuple[Tensor, Tensor]:
     """Dynamic per-token quantization of ``x`` [M, K]: twin of ``token_quant`` (no normalization).
+
+    ``hadamard=b`` (b a power of two dividing K) first rotates each block of b channels by the orthonormal
+    Hadamard in float32 (``block_hadamard_transform``, as ``QuantLinear.input_hadamard`` does).
 
     Returns:
         q: [M, K] int8 codes in [-127, 127] or float8_e4m3fn values in [-448, 448].
@@ -54,6 +58,8 @@ def token_quant_ref(x: Tensor, fmt: TokenQuantFormat) -> tuple[Tensor, Tensor]:
     """
     qf = token_format(fmt)
     x32 = x.float()
+    if hadamard:
+        x32 = block_hadamard_transform(x32, hadamard)
     scale, _ = compute_scales(x32, qf)
     return quantize(x32, qf, scale), scale
 
@@ -64,24 +70,28 @@ def layernorm_quant_ref(
     bias: Tensor | None,
     eps: float,
     fmt: TokenQuantFormat,
+    hadamard: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """LayerNorm over the last dim (in float32), then dynamic per-token quantization: twin of ``layernorm_quant``.
+    """LayerNorm over the last dim (in float32), an optional block Hadamard, then dynamic per-token quantization:
+    twin of ``layernorm_quant``.
 
     Args:
         x: [M, K] float32, bfloat16 or float16.
         weight, bias: [K] LayerNorm affine (any float dtype, used in float32), or None.
         eps: LayerNorm epsilon.
         fmt: "int8" or "fp8_e4m3".
+        hadamard: 0, or the block b of the online rotation (``block_hadamard_transform(y, b)`` in float32).
 
     Returns:
         q: [M, K] int8 or float8_e4m3fn; scale: [M, 1] float32. ``dequant_ref(q, scale)`` equals
-        ``fake_quantize(F.layer_norm(x.float(), ...), QuantFormat(kind, 8, True, "token"))`` bit for bit.
+        ``fake_quantize(block_hadamard_transform(F.layer_norm(x.float(), ...), b), QuantFormat(kind, 8, True,
+        "token"))`` bit for bit: what ``QuantLinear`` with ``input_hadamard = b`` computes on a LayerNorm output.
     """
     k = x.shape[-1]
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     y = F.layer_norm(x.float(), (k,), w, b, eps)
-    return token_quant_ref(y, fmt)
+    return token_quant_ref(y, fmt, hadamard)
 
 
 def dequant_ref(q: Tensor, scale: Tensor) -> Tensor:
@@ -138,8 +148,6 @@ def scaled_gemm_ref(
     if residual is not None:
         y = y + residual.float()
     if out_hadamard:
-        from qvggt.quant.hadamard import block_hadamard_transform
-
         y = block_hadamard_transform(y, block_n)
     if out_quant is None:
         return y.to(out_dtype)

@@ -179,3 +179,107 @@ def test_int4_grid_for_w4a4_activations() -> None:
     assert q.dtype == torch.int8 and int(q.abs().max()) == 7
     torch.testing.assert_close(s, sr, rtol=1e-6, atol=0)
     assert (q != qr).float().mean() < 0.01
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rotation stage: LayerNorm -> block Hadamard (QuantLinear.input_hadamard) -> per-token quantization
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (M, K, b): 1 token, odd token counts; full-width blocks (tiny 64, small 128, vggt-1b 1024, its fc2 4096), blocks
+# smaller than the row, rows that are not a power of two (96 = 3 x 32, 1000 = 125 x 8: padded lanes in the kernel).
+ROT_SHAPES = [(1, 64, 64), (3, 96, 32), (17, 1024, 1024), (5, 1000, 8), (2, 4096, 4096), (9, 128, 128), (4, 256, 2)]
+
+
+def _dense_block_rotation(y: torch.Tensor, b: int) -> torch.Tensor:
+    """Independent float64 reference: y [M, K] times blockdiag(H_b, ...) / sqrt(b) with H_b from a dense matrix."""
+    from qvggt.quant.hadamard import dense
+
+    h = dense(b, normalize=True, dtype=torch.float64)
+    m, k = y.shape
+    return (y.double().view(m, k // b, b) @ h).view(m, k)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "int4"])
+@pytest.mark.parametrize(("m", "k", "b"), ROT_SHAPES)
+def test_rotation_stage_is_bit_exact_with_twin(m: int, k: int, b: int, fmt: str) -> None:
+    """token_quant with a rotation (the kernel minus LayerNorm): codes and scales identical to the twin's.
+
+    The kernel's butterflies add in the twin's order and divide by the same float32 sqrt(b), so nothing differs.
+    """
+    x = torch.randn(m, k) * 3
+    x[:, 5] = 40.0  # an outlier channel: the case the rotation is for
+    before = lq.KERNEL_CALLS["token_hadamard_quant"]
+    q, s = lq.token_quant(x, fmt, hadamard=b)
+    assert lq.KERNEL_CALLS["token_hadamard_quant"] == before + 1
+    qr, sr = token_quant_ref(x, fmt, b)
+    assert q.shape == (m, k) and s.shape == (m, 1)
+    assert torch.equal(s, sr)
+    assert torch.equal(q.float(), qr.float())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize(("m", "k", "b"), ROT_SHAPES)
+def test_layernorm_hadamard_kernel_matches_twin(m: int, k: int, b: int, fmt: str) -> None:
+    x, w, bias = _inputs(m, k, affine=True)
+    before = lq.KERNEL_CALLS["layernorm_hadamard_quant"]
+    q, s = lq.layernorm_quant(x, w, bias, EPS, fmt, hadamard=b)
+    assert lq.KERNEL_CALLS["layernorm_hadamard_quant"] == before + 1
+    qr, sr = layernorm_quant_ref(x, w, bias, EPS, fmt, hadamard=b)
+    assert q.dtype == qr.dtype and q.shape == (m, k)
+    # LayerNorm's reduction order moves the normalized row by an ulp or so; the rotation mixes b such values.
+    torch.testing.assert_close(s, sr, rtol=16 * 2.0**-23, atol=0.0)
+    flips = q.float() != qr.float()
+    assert int(flips.sum()) <= max(1, q.numel() // 500)
+    # Independent of the twin: dequantized codes reproduce the float64 rotation of the exact LayerNorm to within
+    # half a quantization step (int8: scale / 2; fp8: half an e4m3 step, relative) plus the float32 noise.
+    exact = _dense_block_rotation(F.layer_norm(x.double(), (k,), w.double(), bias.double(), EPS), b)
+    v = exact / s.double()
+    half = 0.5 * (_fp8_steps(v.abs()) if fmt == "fp8_e4m3" else torch.ones_like(v))
+    assert bool(((q.double() - v).abs() <= half * (1 + 1e-3) + 1e-4).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+def test_rotated_twin_is_what_quant_linear_computes(fmt: str) -> None:
+    """The twin with hadamard=b is QuantLinear's input path (rotate, then fake-quantize per token) bit for bit."""
+    from qvggt.quant.hadamard import block_hadamard_transform
+
+    x, w, b = _inputs(7, 256, True)
+    for block in (2, 64, 256):
+        qr, sr = layernorm_quant_ref(x, w, b, EPS, fmt, hadamard=block)
+        y = block_hadamard_transform(F.layer_norm(x.float(), (256,), w, b, EPS), block)
+        assert torch.equal(dequant_ref(qr, sr), fake_quantize(y, token_format(fmt)))
+
+
+def test_rotation_spreads_an_outlier_channel() -> None:
+    """What the stage is for: one huge channel costs the other channels their resolution, unless rotated."""
+    x = torch.randn(8, 1024)
+    x[:, 3] = 300.0
+    plain_q, plain_s = lq.token_quant(x, "int8")
+    rot_q, rot_s = lq.token_quant(x, "int8", hadamard=1024)
+    from qvggt.quant.hadamard import block_hadamard_transform
+
+    err_plain = (dequant_ref(plain_q, plain_s) - x).norm()
+    err_rot = (block_hadamard_transform(dequant_ref(rot_q, rot_s), 1024) - x).norm()  # H is its own inverse
+    assert err_rot < 0.2 * err_plain
+
+
+def test_bad_hadamard_blocks_raise() -> None:
+    x = torch.randn(4, 96)
+    for bad, match in ((3, "power of two"), (48, "power of two"), (64, "dividing"), (1, ">= 2"), (-2, "power")):
+        with pytest.raises(ValueError, match=match):
+            lq.layernorm_quant(x, hadamard=bad)
+    with pytest.raises(TypeError, match="hadamard"):
+        lq.token_quant(x, hadamard=True)
+    with pytest.raises(ValueError, match="dividing"):
+        lq.token_quant(x, "fp8_e4m3", hadamard=128)
+
+
+def test_rotated_fallback_off_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the interpreter (CPU), the rotated launchers run the twin and count it under their own names."""
+    monkeypatch.setattr(lq, "kernel_is_interpreted", lambda: False)
+    x, w, b = _inputs(3, 128, True)
+    before = dict(lq.FALLBACK_CALLS)
+    q, s = lq.layernorm_quant(x, w, b, EPS, "int8", hadamard=128)
+    assert lq.FALLBACK_CALLS["layernorm_hadamard_quant"] == before["layernorm_hadamard_quant"] + 1
+    qr, sr = layernorm_quant_ref(x, w, b, EPS, "int8", hadamard=128)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
