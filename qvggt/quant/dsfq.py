@@ -31,13 +31,21 @@ Options beyond the engine's default path (both off by default):
                           inputs: the hooks record X^T X of the rotated input, and smoothing x -> x / s turns it
                           into H / (s s^T) exactly, so no second calibration pass is needed.
 
-The published code also learns clipping and smoothing by block-wise reconstruction (15 epochs of AdamW per block);
-that stage is not implemented here: a documented gap, see docs/QUANTIZATION.md.
+Block-wise reconstruction (``reconstruct``, on by default; ``qvggt.quant.reconstruct``): as the published code
+(OmniQuant's learnable equivalent transformation and weight clipping, 15 epochs of AdamW per block there), each
+aggregator block learns its smoothing factors (log-parameterised, initialised from the statistics above) and a
+clipping ratio per weight scale group (sigmoid) with straight-through rounding, minimising the MSE between the
+quantized block's output and the float block's, within ``recon_time_budget_s`` and ``recon_max_memory_mb``. The
+learned s are folded exactly where the statistics' s would be (LayerNorm affine, V rows), the ratios are baked into
+the weight scales, and the RTN / GPTQ conversion and the checkpoint format are unchanged. The online rotations
+stay as above (fc2's input Hadamard, and qkv/fc1's with ``norm_input_rotation``, which then learn clipping only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -49,12 +57,23 @@ from qvggt.model.layers import Block
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
 from qvggt.quant.config import QuantConfig
 from qvggt.quant.coverage import FilterFn, plan_layers, replace_module
+from qvggt.quant.formats import Granularity
 from qvggt.quant.gptq import HessianRecorder, gptq_quantize
 from qvggt.quant.hadamard import block_hadamard_transform, hadamard_transform
 from qvggt.quant.linear import QuantLinear
 from qvggt.quant.quarot import rotation_block_for
+from qvggt.quant.reconstruct import (
+    BlockInputRecorder,
+    ReconSettings,
+    chain_blocks,
+    fold_order,
+    reconstruct_blocks,
+    warn_dropped,
+)
 from qvggt.quant.rtn import quantize_module
 from qvggt.quant.smooth import SmoothLayer, SmoothQuantConfig, SmoothQuantHandler, apply_smoothing_
+
+log = logging.getLogger(__name__)
 
 __all__ = ["QuantVGGTConfig", "rotate_fc2_input_", "rotate_heads_"]
 
@@ -73,6 +92,19 @@ class QuantVGGTConfig(SmoothQuantConfig):
             they multiply the largest activations (an activation-aware search would be needed).
         norm_input_rotation: online full-width Hadamard on qkv's and fc1's inputs too (module docstring).
         gptq: GPTQ weights instead of RTN (module docstring); ``gptq_damp`` its relative damping.
+        reconstruct: block-wise reconstruction of smoothing and clipping (``qvggt.quant.reconstruct``). With
+            ``gptq``, the learned clipping applies to GPTQ's static scales (per channel / tensor; group scales
+            that GPTQ updates as it goes keep its own).
+        recon_epochs: passes over the calibration batches per block (the budget may stop earlier).
+        recon_lr: AdamW learning rate of the log-smoothing factors and the clipping logits.
+        recon_batch: calibration batches per optimizer step.
+        recon_seed: seed of the batch order.
+        recon_time_budget_s: seconds for all blocks together (None: no limit; the default keeps ``qvggt quantize``
+            on the small model within about a minute on 2 CPU cores).
+        recon_max_memory_mb: bound on the activations reconstruction caches (four copies of one block's input);
+            calibration batches beyond it are left out of reconstruction (with a warning).
+        recon_quant_inputs: train each block on the quantized previous blocks' outputs (OmniQuant), else on the
+            float model's.
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
@@ -83,9 +115,18 @@ class QuantVGGTConfig(SmoothQuantConfig):
     norm_input_rotation: bool = False
     gptq: bool = False
     gptq_damp: float = 0.01
+    reconstruct: bool = True
+    recon_epochs: int = 2
+    recon_lr: float = 5e-3
+    recon_batch: int = 1
+    recon_seed: int = 0
+    recon_time_budget_s: float | None = 30.0
+    recon_max_memory_mb: float = 4096.0
+    recon_quant_inputs: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_recon()
         for flag in ("norm_input_rotation", "gptq"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantVGGTConfig.{flag} must be a bool, got {getattr(self, flag)!r}")  # noqa: TRY004
@@ -98,6 +139,35 @@ class QuantVGGTConfig(SmoothQuantConfig):
             raise ValueError(f"QuantVGGTConfig.fc2_rotation_block must be 0 or a power of two, got {b!r}")
         if not isinstance(self.head_rotation, bool):
             raise ValueError(f"QuantVGGTConfig.head_rotation must be a bool, got {self.head_rotation!r}")  # noqa: TRY004
+
+    def _check_recon(self) -> None:
+        for flag in ("reconstruct", "recon_quant_inputs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"QuantVGGTConfig.{flag} must be a bool, got {getattr(self, flag)!r}")  # noqa: TRY004
+        for name, low in (("recon_epochs", 1), ("recon_batch", 1), ("recon_seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"QuantVGGTConfig.{name} must be an int >= {low}, got {v!r}")
+        for name in ("recon_lr", "recon_time_budget_s", "recon_max_memory_mb"):
+            v = getattr(self, name)
+            if v is None and name == "recon_time_budget_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                what = "a positive number of seconds, or None for no limit" if name == "recon_time_budget_s" else ""
+                raise ValueError(f"QuantVGGTConfig.{name} must be {what or 'a positive finite float'}, got {v!r}")
+            object.__setattr__(self, name, float(v))
+
+    def recon_settings(self) -> ReconSettings:
+        """The reconstruction knobs of this config."""
+        return ReconSettings(
+            epochs=self.recon_epochs,
+            lr=self.recon_lr,
+            batch=self.recon_batch,
+            seed=self.recon_seed,
+            time_budget_s=self.recon_time_budget_s,
+            max_memory_mb=self.recon_max_memory_mb,
+            quant_inputs=self.recon_quant_inputs,
+        )
 
 
 def _blocks(model: nn.Module) -> dict[str, Block]:
@@ -142,6 +212,7 @@ class _DSFQState:
     hooks: list[RemovableHandle]
     online: dict[str, int]  # layer name -> block of its online input Hadamard
     hessians: HessianRecorder | None = None
+    blocks: BlockInputRecorder | None = None  # reconstruction's calibration inputs
 
 
 @register_quantize_handler(QuantVGGTConfig)
@@ -188,11 +259,15 @@ class QuantVGGTHandler(QuantizeHandler):
                 hessians = HessianRecorder().attach(
                     {n: p.module for n, p in plans.items() if isinstance(p.module, nn.Linear)}
                 )
+            blocks = None
+            chain = chain_blocks(model, plans) if config.reconstruct else {}
+            if chain:
+                blocks = BlockInputRecorder(chain, config.recon_max_memory_mb * 2**20).attach()
         except Exception:
             for h in hooks:
                 h.remove()
             raise
-        return _DSFQState(smooth, hooks, online, hessians)
+        return _DSFQState(smooth, hooks, online, hessians, blocks)
 
     def convert(
         self, model: nn.Module, config: QuantConfig, state: Any, filter_fn: FilterFn | None = None
@@ -200,7 +275,27 @@ class QuantVGGTHandler(QuantizeHandler):
         assert isinstance(config, QuantVGGTConfig) and isinstance(state, _DSFQState)
         self.release(model, state)
         smooth = state.smooth
-        scales = apply_smoothing_(smooth.targets, smooth.recorder.absmax, config.alpha)
+        absmax = smooth.recorder.absmax
+        scales: dict[str, torch.Tensor] = {}
+        clip: dict[str, torch.Tensor] = {}
+        if state.blocks is not None:
+            state.blocks.check()
+            warn_dropped(state.blocks, config.recon_max_memory_mb)
+            result = reconstruct_blocks(
+                model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
+                config.recon_settings(),
+            )  # fmt: skip
+            state.blocks = None  # frees the cached inputs
+            for target, s in fold_order(result.scales, smooth.targets):
+                target.fold_(s)
+            scales, clip = dict(result.scales), result.clip
+            kept = sum(b.kept for b in result.blocks)
+            log.info(
+                "reconstruction: %d/%d blocks improved, %d steps, %.1f s",
+                kept, len(result.blocks), sum(b.steps for b in result.blocks), result.seconds,
+            )  # fmt: skip
+        rest = {n: t for n, t in smooth.targets.items() if n not in scales}
+        scales.update(apply_smoothing_(rest, absmax, config.alpha))
         for name, plan in smooth.plans.items():  # plan.module is the (now rotated and smoothed) float Linear
             if state.hessians is not None and isinstance(plan.module, nn.Linear):
                 h = state.hessians.hessian(name)
@@ -208,12 +303,16 @@ class QuantVGGTHandler(QuantizeHandler):
                 if name in scales:  # input x / s: Hessian diag(1/s) H diag(1/s)
                     inv = 1.0 / scales[name].to(h.device, h.dtype)
                     h = h * inv[:, None] * inv[None, :]
+                ratio = clip.get(name) if plan.weight.granularity is not Granularity.GROUP else None
                 q, scale, zp = gptq_quantize(
-                    plan.module.weight, h, plan.weight, damp=config.gptq_damp, clip_search=config.clip_search
-                )
+                    plan.module.weight, h, plan.weight, damp=config.gptq_damp, clip_search=config.clip_search,
+                    clip_ratio=ratio,
+                )  # fmt: skip
                 new = QuantLinear.from_float(
                     plan.module, plan.weight, plan.activation, weight=q, scale=scale, zero_point=zp
                 )
+            elif name in clip:  # the learned clipping, baked into the weight scales
+                new = QuantLinear.from_float(plan.module, plan.weight, plan.activation, clip_ratio=clip[name])
             else:
                 new = quantize_module(plan, config.clip_search)
             replace_module(model, name, new)
@@ -231,4 +330,6 @@ class QuantVGGTHandler(QuantizeHandler):
             state.hooks.clear()
             if state.hessians is not None:
                 state.hessians.remove()
+            if state.blocks is not None:
+                state.blocks.remove()
             SmoothQuantHandler().release(model, state.smooth)

@@ -126,6 +126,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
+    clip_ratio: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """GPTQ of one weight matrix (see the module docstring for every choice).
 
@@ -134,6 +135,8 @@ def gptq_quantize(
         hessian: H [K, K] = X^T X / T of the layer's calibration inputs (symmetric positive semi-definite).
         fmt: weight format (granularity channel, group or tensor).
         damp, block_size, act_order, static_groups, clip_search: as ``GPTQConfig``.
+        clip_ratio: clipping of the static scales (shape S, e.g. learned by ``qvggt.quant.reconstruct``) instead of
+            ``clip_search``'s; only for static scales (ValueError with group scales updated on the way).
 
     Returns:
         (q [N, K] float64 on the grid of the scales, scale S float32, zero point S float32 or None)
@@ -161,9 +164,13 @@ def gptq_quantize(
     w[:, dead] = 0.0
 
     static = group is None or static_groups or act_order
+    if clip_ratio is not None and not static:
+        raise ValueError("clip_ratio needs static scales: per channel or tensor, or static_groups / act_order")
     col_fmt = _column_format(fmt)
     if static:
-        ratio = mse_clip_search(w, fmt) if clip_search else 1.0
+        ratio: Tensor | float = mse_clip_search(w, fmt) if clip_search else 1.0
+        if clip_ratio is not None:
+            ratio = clip_ratio.detach().to(device=w.device, dtype=torch.float64)
         scale, zp = compute_scales(w, fmt, ratio)
         # Round the scales to float32 first: they are stored in float32, and q must be on the *stored* grid.
         scale = scale.to(torch.float32).to(torch.float64)
