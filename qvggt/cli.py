@@ -291,8 +291,15 @@ def stress_model(
         "runs/stress/model.safetensors"
     ),
     magnitude: Annotated[float, typer.Option(help="Planted channel magnitude on camera/register tokens.")] = 40.0,
-    steps: Annotated[int, typer.Option(help="Fine-tuning steps with the outliers in place.")] = 150,
-    scenes: Annotated[int, typer.Option(help="Training scenes rendered for the fine-tune.")] = 200,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps with the outliers in place.")] = 300,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 1e-4,
+    distill_weight: Annotated[
+        float, typer.Option(help="Weight of the L1 distance to the base model's outputs (0: ground truth only).")
+    ] = 1.0,
+    scenes: Annotated[int, typer.Option(help="Training scenes (the first N training seeds).")] = 2000,
+    cache_dir: Annotated[
+        Path, typer.Option(help="Training-scene cache root (shared with `qvggt train`: reused when present).")
+    ] = Path("runs/cache"),
     seed: int = 0,
     params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
 ) -> None:
@@ -313,9 +320,10 @@ def stress_model(
         h, w = model.cfg.default_image_hw
         if h != w:
             raise ValueError(f"the training cache renders square images; {checkpoint} expects {h}x{w}")
-        cache = build_cache(out.parent / "cache", seeds, cats, 4, w)
+        cache = build_cache(cache_dir, seeds, cats, 4, w)
+        teacher = load_vggt(checkpoint) if distill_weight > 0 else None
         plant_massive_activations_(model, magnitude=magnitude, seed=seed)
-        losses = finetune_(model, cache, steps=steps, seed=seed)
+        losses = finetune_(model, cache, steps=steps, lr=lr, seed=seed, teacher=teacher, distill_weight=distill_weight)
         save_checkpoint(model, out, dtype=torch.float16)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -18,6 +18,7 @@ do not fold away.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from qvggt.model.vggt import VGGT
 
-__all__ = ["finetune_", "plant_massive_activations_"]
+__all__ = ["cosine_lr_factor", "distill_loss", "finetune_", "plant_massive_activations_"]
 
 
 @torch.no_grad()
@@ -48,17 +49,48 @@ def plant_massive_activations_(
         tokens[..., list(channels)] = (signs * magnitude).to(tokens.dtype)
 
 
+def cosine_lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up over ``warmup_steps`` to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def distill_loss(student: dict, teacher: dict, mask: torch.Tensor, camera_weight: float = 5.0) -> torch.Tensor:
+    """L1 distance of the student's outputs to the teacher's: final pose encoding (weighted as VGGT weights its
+    camera loss), and depth and world points on the valid pixels ``mask`` [B, S, H, W]."""
+    loss = camera_weight * (student["pose_enc"] - teacher["pose_enc"]).abs().mean()
+    m = mask[..., None].to(student["depth"].dtype)
+    n = m.sum().clamp_min(1.0)
+    for key in ("depth", "world_points"):
+        if key in student:
+            err = (student[key] - teacher[key]).abs().sum(-1, keepdim=True) * m
+            loss = loss + err.sum() / n
+    return loss
+
+
 def finetune_(
     model: VGGT,
     cache_dir: str | Path,
-    steps: int = 150,
+    steps: int = 300,
     lr: float = 1e-4,
     batch_size: int = 2,
     seed: int = 0,
+    warmup_steps: int = 20,
+    min_lr_ratio: float = 0.05,
+    teacher: VGGT | None = None,
+    distill_weight: float = 1.0,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune ``model`` in place on a training-scene cache (``qvggt.train.data.build_cache``) with the special
-    token parameters frozen; returns the loss per step."""
+    token parameters frozen; returns the objective per step.
+
+    The objective is VGGT's loss against ground truth plus, with a ``teacher`` (the model before planting),
+    ``distill_weight`` times ``distill_loss`` to the teacher's outputs: the goal is the base model's accuracy, and
+    its outputs are a denser, less noisy target than the ground truth of two scenes. The learning rate warms up,
+    then decays on a cosine, so the last steps settle instead of hopping at the peak rate.
+    """
     from qvggt.train.data import SceneCache
     from qvggt.train.losses import vggt_loss
     from qvggt.train.trainer import batch_indices
@@ -69,15 +101,24 @@ def finetune_(
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, steps, warmup_steps, min_lr_ratio))
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     model.train()
     losses = []
     for step in tqdm(range(steps), desc="stress fine-tune", disable=not progress, unit="step"):
         batch = cache.batch(batch_indices(step, batch_size, len(cache), seed))
-        loss = vggt_loss(model(batch["images"]), batch)["objective"]
+        preds = model(batch["images"])
+        loss = vggt_loss(preds, batch)["objective"]
+        if teacher is not None and distill_weight > 0:
+            with torch.no_grad():
+                target = teacher(batch["images"])
+            loss = loss + distill_weight * distill_loss(preds, target, batch["valid_mask"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         losses.append(float(loss.detach()))
     model.eval()
     for p in model.parameters():

@@ -3,6 +3,7 @@ fine-tune that updates everything else."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 
 from qvggt.calib.heavy_tails import heavy_tail_rows
 from qvggt.calib.stats import collect_stats
-from qvggt.calib.stress import finetune_, plant_massive_activations_
+from qvggt.calib.stress import cosine_lr_factor, distill_loss, finetune_, plant_massive_activations_
 from qvggt.config import DataConfig
 from qvggt.model import load_vggt
-from qvggt.train.data import build_cache
+from qvggt.train.data import SceneCache, build_cache
 from qvggt.train.trainer import training_scenes
 
 
@@ -56,3 +57,65 @@ def test_finetune_keeps_the_outliers_and_trains_the_rest(tmp_path: Path) -> None
         after["aggregator.frame_blocks.0.attn.qkv.weight"], before["aggregator.frame_blocks.0.attn.qkv.weight"]
     )
     assert all(p.requires_grad for p in model.parameters())  # left trainable as it was
+
+
+def test_lr_warms_up_then_decays_on_a_cosine_to_the_floor() -> None:
+    f = [cosine_lr_factor(s, steps=100, warmup_steps=10, min_lr_ratio=0.05) for s in range(120)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # never rises after the warm-up
+    assert f[55] == pytest.approx(0.05 + 0.95 * 0.5)  # half-way through the decay
+    assert f[100] == pytest.approx(0.05) and f[119] == pytest.approx(0.05)
+
+
+def test_distill_loss_is_the_masked_l1_to_the_teacher() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"pose_enc": (1, 2, 9), "depth": (1, 2, 4, 4, 1), "world_points": (1, 2, 4, 4, 3)}
+    teacher = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True  # 16 valid pixels
+    assert float(distill_loss(teacher, teacher, mask)) == 0.0
+    student = {k: v.clone().requires_grad_(True) for k, v in teacher.items()}
+    with torch.no_grad():
+        student["pose_enc"] += 0.1  # 5 * 0.1
+        student["depth"][:, :, :2] += 0.5  # masked in: 0.5 per valid pixel
+        student["world_points"][:, :, 2:] += 7.0  # masked out: ignored
+    loss = distill_loss(student, teacher, mask, camera_weight=5.0)
+    assert float(loss.detach()) == pytest.approx(0.5 + 0.5, rel=1e-5)
+    loss.backward()
+    assert float(student["world_points"].grad[:, :, 2:].abs().sum()) == 0.0
+
+
+def test_distillation_pulls_the_stressed_model_toward_the_teacher(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = load_vggt(preset="tiny").eval()
+    seeds, cats = training_scenes(DataConfig(), 4)
+    cache = build_cache(tmp_path, seeds, cats, 2, 56, progress=False)
+    batch = SceneCache(cache).batch([0, 1, 2, 3])
+    with torch.no_grad():
+        target = teacher(batch["images"])
+
+    def gap(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(distill_loss(model(batch["images"]), target, batch["valid_mask"]))
+
+    def stressed(distill_weight: float | None) -> torch.nn.Module:
+        model = load_vggt(preset="tiny")
+        model.load_state_dict(teacher.state_dict())
+        plant_massive_activations_(model)
+        if distill_weight is not None:
+            finetune_(
+                model,
+                cache,
+                steps=6,
+                lr=1e-3,
+                warmup_steps=1,
+                teacher=teacher,
+                distill_weight=distill_weight,
+                progress=False,
+            )
+        return model
+
+    planted = gap(stressed(None))
+    # Ground truth alone barely closes the gap the outliers opened; the teacher's outputs close much more of it.
+    assert planted - gap(stressed(20.0)) > 2 * (planted - gap(stressed(0.0))) > 0
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher is only read
