@@ -2,14 +2,21 @@
 
 Per block, with a bf16 residual stream ``x`` [T, C] (T = tokens of all sequences):
 
-    h      = LN1(x)                         fused LayerNorm -> per-token quantization when qkv is quantized
+    h      = LN1(x)                         fused LayerNorm -> [block Hadamard] -> per-token quantization
     qkv    = GEMM(h, W_qkv) + b             bf16 out
     q,k,v  = qk_norm_rope(qkv)              one pass: head split, per-head LayerNorm, 2-D RoPE (float32 angles)
     o      = attention(q, k, v)             SDPA (cuDNN / flash, bf16) or the fp8 flash-attention kernel
-    x      = x + ls1 * (GEMM(o, W_proj) + b)      residual add and LayerScale in the GEMM epilogue
-    h      = LN2(x)                         fused LayerNorm -> quantization when fc1 is quantized
-    f      = GELU(GEMM(h, W_fc1) + b)       quantized per (token, 128 columns) in the epilogue when fc2 is
+    x      = x + ls1 * (GEMM(o', W_proj) + b)     o' = [block Hadamard ->] per-token quantization of o (one
+                                                  kernel); residual add and LayerScale in the GEMM epilogue
+    h      = LN2(x)                         fused LayerNorm -> [block Hadamard] -> per-token quantization
+    f      = GELU(GEMM(h, W_fc1) + b)       quantized per (token, 128 columns) in the epilogue for fc2, after
+                                            fc2's 128-block Hadamard on the tile when it has one
     x      = x + ls2 * (GEMM(f, W_fc2) + b)
+
+Each bracketed Hadamard is a layer's ``QuantLinear.input_hadamard`` (quarot; quantvggt's fc2 and, with
+``norm_input_rotation``, qkv / fc1): the quantization kernel's rotation stage runs it on the row in registers.
+An fc2 rotation of another block size than the fc1 tile runs in the quantization kernel instead of the epilogue.
+Quantization steps are skipped for float (or weight-only) layers; their rotation then runs in torch.
 
 The same module runs float layers (bf16 GEMMs with the same epilogues: the "bf16 fused" path, which separates the
 gain of fusion from the gain of quantization) and quantized ones. fc2's input is quantized per 1 x 128 tile, not
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qvggt.engine.operands import GemmOperand, UnsupportedLayerError, prepare_linear
+from qvggt.engine.operands import GemmOperand, prepare_linear
 from qvggt.kernels.gemm import scaled_gemm
 from qvggt.kernels.layernorm_quant import layernorm_quant, token_quant
 from qvggt.kernels.qk_rope import qk_norm_rope
@@ -79,12 +86,6 @@ class FusedBlock(nn.Module):
         self.proj = prepare_linear(attn.proj, f"{name}.attn.proj")
         self.fc1 = prepare_linear(block.mlp.fc1, f"{name}.mlp.fc1")
         self.fc2 = prepare_linear(block.mlp.fc2, f"{name}.mlp.fc2")
-        for op, where in ((self.qkv, "attn.qkv"), (self.fc1, "mlp.fc1")):
-            if op.input_hadamard:  # the fused LayerNorm -> quantization kernel has no rotation stage yet
-                raise UnsupportedLayerError(
-                    f"{name}.{where}: an online input rotation after LayerNorm has no kernel path; quantize with "
-                    "a method that folds it (quantvggt rotates only proj, folded, and fc2, online)"
-                )
         self.norm1 = _norm_params(block.norm1, _norm_dtype(self.qkv))
         self.norm2 = _norm_params(block.norm2, _norm_dtype(self.fc1))
         self.q_norm = _norm_params(attn.q_norm) if isinstance(attn.q_norm, nn.LayerNorm) else None
@@ -133,18 +134,21 @@ class FusedBlock(nn.Module):
 
     @staticmethod
     def _quant_in(x: Tensor, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
-        """A bf16 activation as ``op`` consumes it: rotated online if the layer says so, then quantized."""
+        """A bf16 activation as ``op`` consumes it: rotated online if the layer says so, then quantized (one kernel:
+        the rotation is the quantization kernel's Hadamard stage)."""
         x = x.contiguous()
-        if op.input_hadamard:
-            x = block_hadamard_transform(x, op.input_hadamard)
-        return x if op.act == "bf16" else token_quant(x, op.act)
+        if op.act != "bf16":
+            return token_quant(x, op.act, hadamard=op.input_hadamard)
+        # Weight-only layer: nothing to quantize, so the rotation runs in torch (float32, one bf16 rounding).
+        return block_hadamard_transform(x, op.input_hadamard) if op.input_hadamard else x
 
     @staticmethod
     def _norm_in(x: Tensor, norm: tuple, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
         w, b, eps = norm
-        if op.act == "bf16":  # w, b are bf16 here (see __init__): one bf16 LayerNorm kernel
-            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-        return layernorm_quant(x, w, b, eps, op.act)
+        if op.act != "bf16":  # LayerNorm -> (rotation) -> quantization in one kernel
+            return layernorm_quant(x, w, b, eps, op.act, hadamard=op.input_hadamard)
+        h = F.layer_norm(x, (x.shape[-1],), w, b, eps)  # w, b are bf16 here (see __init__): one bf16 kernel
+        return block_hadamard_transform(h, op.input_hadamard) if op.input_hadamard else h
 
     def _attend(self, qkv: Tensor, batch: int, tokens: int, pos: TokenPositions | None) -> Tensor:
         if self.rope is not None and pos is None:

@@ -56,7 +56,8 @@ class GemmOperand:
         act: the activation kind the layer's input is quantized to ("bf16" = not quantized).
         tiles: the kernel tile configuration the operand was packed for.
         input_hadamard: block size of the online Hadamard applied to the input before quantization (0: none;
-            the weight already holds the rotation, ``QuantLinear.input_hadamard``).
+            the weight already holds the rotation, ``QuantLinear.input_hadamard``). On qkv / fc1 it is the fused
+            LayerNorm kernel's rotation stage, on proj / fc2 the quantization kernel's (or fc1's epilogue).
     """
 
     weight: Tensor
@@ -91,8 +92,9 @@ def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
 
     Raises:
         UnsupportedLayerError: for formats without an exact kernel path (asymmetric or per-tensor weights, group
-            sizes other than the kernel's 128-wide K step, fp8/int8 weights with a different activation kind),
-            naming the layer and the fix.
+            sizes other than the kernel's 128-wide K step, fp8/int8 weights with a different activation kind, an
+            online input rotation that is not a power-of-two block dividing the width), naming the layer and the
+            fix.
     """
     bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().to(torch.bfloat16)
     if isinstance(layer, nn.Linear):
@@ -101,8 +103,20 @@ def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
     if not isinstance(layer, QuantLinear):
         raise UnsupportedLayerError(f"{where}: {type(layer).__name__} is neither nn.Linear nor QuantLinear")
     op = _prepare_quant_linear(layer, where)
-    op.input_hadamard = int(getattr(layer, "input_hadamard", 0))
+    op.input_hadamard = _input_hadamard(layer, where)
     return op
+
+
+def _input_hadamard(layer: QuantLinear, where: str) -> int:
+    """The layer's online input rotation block, if the kernels' rotation stage can run it exactly."""
+    b = int(getattr(layer, "input_hadamard", 0))
+    if b and (b < 2 or b & (b - 1) or layer.in_features % b):
+        raise UnsupportedLayerError(
+            f"{where}: input_hadamard={b} is not a power-of-two block dividing the input width {layer.in_features}; "
+            "the engine's rotation stage runs Sylvester Hadamard blocks of 2^k channels only (as quarot and "
+            "quantvggt produce them)"
+        )
+    return b
 
 
 def _prepare_quant_linear(layer: QuantLinear, where: str) -> GemmOperand:
