@@ -1,8 +1,11 @@
-"""quantvggt variants (method options) and the strongest baseline, QuaRot + GPTQ, on one model: quantize each at
-W4A8 and W4A4 on the default calibration set, evaluate all against the FP model on the same held-out scenes, print
-the markdown table (scripts/method_table.py).
+"""quantvggt variants (method options) and the strongest baselines on one model: quantize each at W4A8 and W4A4 on
+the default calibration set, evaluate all against the FP model on the same held-out scenes, print the markdown
+table (scripts/method_table.py) and each quantization's wall time.
 
-Usage: python scripts/quantvggt_variants.py [BASE] [OUT]   (defaults: models/small/model.safetensors runs/variants)
+Usage: python scripts/quantvggt_variants.py [BASE] [OUT] [SET]
+    (defaults: models/small/model.safetensors runs/variants options)
+    SET options: quantvggt's options and QuaRot + GPTQ; SET recon: quantvggt with / without block-wise
+    reconstruction, and quarot.
 """
 
 from __future__ import annotations
@@ -10,29 +13,39 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from qvggt.config import load_config
 from qvggt.eval.command import run_eval
 from qvggt.quant.command import run_quantize
 
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "quantvggt": ("quantvggt", {}),
-    "quantvggt+gptq": ("quantvggt", {"gptq": True}),
-    "quantvggt+lnrot": ("quantvggt", {"norm_input_rotation": True}),
-    "quantvggt+lnrot+gptq": ("quantvggt", {"norm_input_rotation": True, "gptq": True}),
-    "quarot+gptq": ("gptq", {"rotate": True}),
+SETS: dict[str, dict[str, tuple[str, dict]]] = {
+    "options": {
+        "quantvggt": ("quantvggt", {}),
+        "quantvggt+gptq": ("quantvggt", {"gptq": True}),
+        "quantvggt+lnrot": ("quantvggt", {"norm_input_rotation": True}),
+        "quantvggt+lnrot+gptq": ("quantvggt", {"norm_input_rotation": True, "gptq": True}),
+        "quarot+gptq": ("gptq", {"rotate": True}),
+    },
+    "recon": {
+        "quantvggt": ("quantvggt", {}),
+        "quantvggt-norecon": ("quantvggt", {"reconstruct": False}),
+        "quarot": ("quarot", {}),
+    },
 }
 
 
-def main(base: str = "models/small/model.safetensors", out: str = "runs/variants") -> None:
+def main(base: str = "models/small/model.safetensors", out: str = "runs/variants", which: str = "options") -> None:
     data = load_config("params.yaml").data
     root = Path(out)
     compare = []
-    for name, (method, options) in VARIANTS.items():
+    for name, (method, options) in SETS[which].items():
         for wbits, abits in ((4, 8), (4, 4)):
             dest = root / f"{name}-w{wbits}a{abits}"
+            t = time.perf_counter()
             compare.append(str(run_quantize(method, wbits, abits, dest, base, data=data, options=options).path))
+            print(f"{name} W{wbits}A{abits}: quantized in {time.perf_counter() - t:.1f} s", flush=True)
     shutil.rmtree(root / "eval", ignore_errors=True)
     run_eval(base, compare, "synthetic:eval", root / "eval", frames=4, scenes=16, data=data, progress=False)
     subprocess.run([sys.executable, "scripts/method_table.py", str(root / "eval" / "metrics.json")], check=True)

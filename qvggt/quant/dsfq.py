@@ -116,11 +116,11 @@ class QuantVGGTConfig(SmoothQuantConfig):
     gptq: bool = False
     gptq_damp: float = 0.01
     reconstruct: bool = True
-    recon_epochs: int = 2
+    recon_epochs: int = 5
     recon_lr: float = 5e-3
     recon_batch: int = 1
     recon_seed: int = 0
-    recon_time_budget_s: float | None = 30.0
+    recon_time_budget_s: float | None = 40.0
     recon_max_memory_mb: float = 4096.0
     recon_quant_inputs: bool = True
 
@@ -275,27 +275,7 @@ class QuantVGGTHandler(QuantizeHandler):
         assert isinstance(config, QuantVGGTConfig) and isinstance(state, _DSFQState)
         self.release(model, state)
         smooth = state.smooth
-        absmax = smooth.recorder.absmax
-        scales: dict[str, torch.Tensor] = {}
-        clip: dict[str, torch.Tensor] = {}
-        if state.blocks is not None:
-            state.blocks.check()
-            warn_dropped(state.blocks, config.recon_max_memory_mb)
-            result = reconstruct_blocks(
-                model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
-                config.recon_settings(),
-            )  # fmt: skip
-            state.blocks = None  # frees the cached inputs
-            for target, s in fold_order(result.scales, smooth.targets):
-                target.fold_(s)
-            scales, clip = dict(result.scales), result.clip
-            kept = sum(b.kept for b in result.blocks)
-            log.info(
-                "reconstruction: %d/%d blocks improved, %d steps, %.1f s",
-                kept, len(result.blocks), sum(b.steps for b in result.blocks), result.seconds,
-            )  # fmt: skip
-        rest = {n: t for n, t in smooth.targets.items() if n not in scales}
-        scales.update(apply_smoothing_(rest, absmax, config.alpha))
+        scales, clip = self.learn_and_fold_(model, config, state)
         for name, plan in smooth.plans.items():  # plan.module is the (now rotated and smoothed) float Linear
             if state.hessians is not None and isinstance(plan.module, nn.Linear):
                 h = state.hessians.hessian(name)
@@ -322,6 +302,36 @@ class QuantVGGTHandler(QuantizeHandler):
             assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
             q.input_hadamard = b
         return model
+
+    def learn_and_fold_(
+        self, model: nn.Module, config: QuantVGGTConfig, state: _DSFQState
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Reconstruct (if configured) and fold the smoothing scales into the float model, which still computes
+        the same function (with its online rotations applied). Returns (name -> folded s, name -> learned clipping
+        ratio of the weight scales)."""
+        smooth = state.smooth
+        absmax = smooth.recorder.absmax
+        scales: dict[str, torch.Tensor] = {}
+        clip: dict[str, torch.Tensor] = {}
+        if state.blocks is not None:
+            state.blocks.check()
+            warn_dropped(state.blocks, config.recon_max_memory_mb)
+            result = reconstruct_blocks(
+                model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
+                config.recon_settings(),
+            )  # fmt: skip
+            state.blocks = None  # frees the cached inputs
+            for target, s in fold_order(result.scales, smooth.targets):
+                target.fold_(s)
+            scales, clip = dict(result.scales), result.clip
+            kept = sum(b.kept for b in result.blocks)
+            log.info(
+                "reconstruction: %d/%d blocks improved, %d steps, %.1f s",
+                kept, len(result.blocks), sum(b.steps for b in result.blocks), result.seconds,
+            )  # fmt: skip
+        rest = {n: t for n, t in smooth.targets.items() if n not in scales}
+        scales.update(apply_smoothing_(rest, absmax, config.alpha))
+        return scales, clip
 
     def release(self, model: nn.Module, state: Any) -> None:
         if isinstance(state, _DSFQState):
