@@ -70,12 +70,26 @@ gemm("w4a8-int8 fc1 -> hadamard -> int8", "i8", "u8", "i8", 1, True, 1, 1, GELU=
 
 sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
        "stride_xm": "i32", "stride_qm": "i32", "K": "i32", "eps": "fp32"}
-for fp8 in (True, False):
+
+def lnq(name, fp8, norm=True, had=0, block_k=1024):
     s = dict(sig, q_ptr="*fp8e4nv" if fp8 else "*i8")
-    const = dict(HAS_W=True, HAS_B=True, APPLY_NORM=True, IS_FP8=fp8, QMAX=448.0 if fp8 else 127.0, TINY=TINY,
-                 BLOCK_K=1024)
-    r = compile_for_hopper(L._layernorm_quant_kernel, s, const, ["x_ptr", "q_ptr", "stride_xm", "stride_qm"], 4)
-    out["layernorm_quant " + ("fp8" if fp8 else "int8")] = dataclasses.asdict(r)
+    const = dict(HAS_W=norm, HAS_B=norm, APPLY_NORM=norm, LOG2_HAD=had.bit_length() - 1 if had else 0,
+                 HAD_NORM=had**0.5 if had else 1.0, IS_FP8=fp8, QMAX=448.0 if fp8 else 127.0, TINY=TINY,
+                 BLOCK_K=block_k)
+    r = compile_for_hopper(L._layernorm_quant_kernel, s, const, ["x_ptr", "q_ptr", "stride_xm", "stride_qm"],
+                           4 if block_k <= 1024 else 8)  # the launcher's choice
+    out[name] = dataclasses.asdict(r)
+
+for fp8 in (True, False):
+    lnq("layernorm_quant " + ("fp8" if fp8 else "int8"), fp8)
+# The rotation stage as the engine launches it: qkv / fc1 of vggt-1b (quarot: full width 1024; a 128 block),
+# the small preset (128), and token quantization of a quarot fc2 input (4096 wide, full-width block).
+lnq("layernorm_hadamard_quant fp8 b1024", True, had=1024)
+lnq("layernorm_hadamard_quant int8 b1024", False, had=1024)
+lnq("layernorm_hadamard_quant int8 b128", False, had=128)
+lnq("layernorm_hadamard_quant fp8 b128 (small, K=128)", True, had=128, block_k=128)
+lnq("token_hadamard_quant fp8 b4096 (fc2)", True, norm=False, had=4096, block_k=4096)
+lnq("token_hadamard_quant int8 b1024 (proj)", False, norm=False, had=1024)
 
 sig = {n: "*bf16" for n in ("qkv_ptr", "q_ptr", "k_ptr", "v_ptr")}
 sig.update({"yx_ptr": "*i64", "inv_freq_ptr": "*fp32", "qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32",
@@ -126,7 +140,28 @@ def test_gemm_variants_use_wgmma_fit_and_do_not_spill(reports: dict[str, dict], 
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255
 
 
-@pytest.mark.parametrize("variant", ["layernorm_quant fp8", "layernorm_quant int8", "qk_norm_rope"])
+ROTATION_VARIANTS = [
+    "layernorm_hadamard_quant fp8 b1024",
+    "layernorm_hadamard_quant int8 b1024",
+    "layernorm_hadamard_quant int8 b128",
+    "layernorm_hadamard_quant fp8 b128 (small, K=128)",
+    "token_hadamard_quant fp8 b4096 (fc2)",
+    "token_hadamard_quant int8 b1024 (proj)",
+]
+
+
+@pytest.mark.parametrize("variant", ["layernorm_quant fp8", "layernorm_quant int8", "qk_norm_rope", *ROTATION_VARIANTS])
 def test_elementwise_kernels_compile_without_spills(reports: dict[str, dict], variant: str) -> None:
     r = reports[variant]
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 and not r["wgmma"]
+    assert r["shared_bytes"] <= 227 * 1024
+
+
+@pytest.mark.parametrize("variant", ROTATION_VARIANTS)
+def test_rotation_stage_stays_in_registers_and_a_row_of_shared_memory(reports: dict[str, dict], variant: str) -> None:
+    """The butterflies exchange lanes through shared memory (layout conversions), never more than the row itself:
+    no Hadamard matrix is staged (a dense 1024 x 1024 fp32 one would be 4 MB), so occupancy stays high."""
+    r = reports[variant]
+    block_k = 128 if "K=128" in variant else (4096 if "b4096" in variant else 1024)
+    assert 0 < r["shared_bytes"] <= 4 * block_k  # at most one float32 row
+    assert r["registers"] <= 128
