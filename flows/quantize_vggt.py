@@ -30,9 +30,14 @@ from prefect.runtime import flow_run
 from qvggt.config import ProjectConfig, load_config
 from qvggt.io import sha256_file
 from qvggt.pipeline.preflight import check_tracking_uri
+from qvggt.pipeline.results import SharedCache
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.compare import compare_configs
 from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
+
+# QVGGT_RESULT_STORAGE=s3://bucket/prefix: task results and step artifacts in a bucket, a cache machines share
+# (qvggt.pipeline.results). Read at import, so a deployment's worker picks it up from its environment.
+SHARED = SharedCache.from_env()
 
 
 def _git_revision() -> str:
@@ -52,10 +57,20 @@ def _dvc_revision() -> str:
 
 def _verified(path: str, step: Any, *args: Any) -> str:
     """A cached step's artifact path, recomputed (cache refreshed) if the artifact has since been deleted: a cache
-    record must never hand on a file that is not there."""
+    record must never hand on a file that is not there. With a shared cache, a file that another machine made is
+    pulled (sha256-verified) first."""
     if Path(path).is_file():
         return path
+    if SHARED is not None and SHARED.restore(Path(path).parent) and Path(path).is_file():
+        return path
     return step.with_options(refresh_cache=True)(*args)
+
+
+def _share(*folders: str | Path) -> None:
+    """Push step outputs to the shared cache (unchanged files are skipped), so its result records stay usable."""
+    if SHARED is not None:
+        for folder in folders:
+            SHARED.share(folder)
 
 
 def _base_model_name(base_weights: str) -> str:
@@ -74,10 +89,12 @@ def _calibration_set(base: str, project: ProjectConfig, out: Path) -> str:
     filter_args = (features, where, c.iqr_factor)
     outliers = _verified(filter_noisy(*filter_args), filter_noisy, *filter_args)
     cluster_args = (pool, features, outliers, where, c.mode, c.seed, c.n_clusters, c.n_per_cluster, c.n_init)
-    return _verified(cluster_frames(*cluster_args), cluster_frames, *cluster_args)
+    manifest = _verified(cluster_frames(*cluster_args), cluster_frames, *cluster_args)
+    _share(where)
+    return manifest
 
 
-@flow(name="quantize-vggt")
+@flow(name="quantize-vggt", result_storage=SHARED.block_ref if SHARED is not None else None)
 def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", base_model: str | None = None) -> dict:
     """Quantize ``base_weights`` (default: ``pipeline.base_weights``) with every job of ``params.yaml``; returns
     {job name: {"checkpoint", "mlflow_run_id"}} plus the metrics path, the benchmark outcome and the registry's
@@ -101,6 +118,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames, data)
     metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
     _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
+    _share(*(Path(c).parent for c in checkpoints), Path(metrics_path).parent)
     bench = benchmark(checkpoints, str(out / "bench"), jobs)
     run_id = flow_run.get_id() or "local"
     revision, dvc_rev = _git_revision(), _dvc_revision()
@@ -121,6 +139,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     load_config(args.params)  # a bad params.yaml fails here, before Prefect starts a server (the flow checks again)
+    if SHARED is not None:
+        SHARED.save_block()  # Prefect resolves result storage by name, on the server this run uses
     result = quantize_vggt(args.base_weights, args.params)
     import json
 
