@@ -157,16 +157,24 @@ def quantize(
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/quantized"),
     params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+    reconstruct: Annotated[
+        bool | None, typer.Option("--reconstruct/--no-reconstruct", help="quantvggt: block-wise reconstruction.")
+    ] = None,
+    recon_epochs: Annotated[int | None, typer.Option(help="quantvggt: reconstruction epochs per block.")] = None,
+    recon_time_budget: Annotated[
+        float | None, typer.Option(help="quantvggt: reconstruction seconds, all blocks (0: no limit).")
+    ] = None,
 ) -> None:
     """Quantize a model and write a packed checkpoint (model.safetensors + model.json manifest)."""
     from qvggt.config import load_config
-    from qvggt.quant.command import run_quantize
+    from qvggt.quant.command import reconstruction_options, run_quantize
 
     try:
         data = load_config(params).data
         result = run_quantize(
             method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
             calib_manifest=calib_manifest,
+            options=reconstruction_options(reconstruct, recon_epochs, recon_time_budget),
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)

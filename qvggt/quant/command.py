@@ -75,6 +75,19 @@ def make_config(
     return cls(**common, **options)
 
 
+def reconstruction_options(reconstruct: bool | None, epochs: int | None, time_budget_s: float | None) -> dict[str, Any]:
+    """quantvggt's reconstruction options from CLI flags (None: the config's default; a budget of 0: no limit);
+    ``make_config`` refuses them for the other methods."""
+    options: dict[str, Any] = {}
+    if reconstruct is not None:
+        options["reconstruct"] = reconstruct
+    if epochs is not None:
+        options["recon_epochs"] = epochs
+    if time_budget_s is not None:
+        options["recon_time_budget_s"] = time_budget_s or None
+    return options
+
+
 def calibration_batches(
     data: DataConfig, n: int, frames: int, hw: tuple[int, int]
 ) -> tuple[list[torch.Tensor], list[str]]:

@@ -105,6 +105,8 @@ class QuantVGGTConfig(SmoothQuantConfig):
             calibration batches beyond it are left out of reconstruction (with a warning).
         recon_quant_inputs: train each block on the quantized previous blocks' outputs (OmniQuant), else on the
             float model's.
+        recon_special_weight: None: the loss is the MSE over all tokens; a weight w >= 0: the patch tokens' MSE
+            plus w times the camera/register tokens' (which the camera head reads: 5 of 86 tokens per frame).
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
@@ -123,6 +125,7 @@ class QuantVGGTConfig(SmoothQuantConfig):
     recon_time_budget_s: float | None = 40.0
     recon_max_memory_mb: float = 4096.0
     recon_quant_inputs: bool = True
+    recon_special_weight: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,13 +151,23 @@ class QuantVGGTConfig(SmoothQuantConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"QuantVGGTConfig.{name} must be an int >= {low}, got {v!r}")
-        for name in ("recon_lr", "recon_time_budget_s", "recon_max_memory_mb"):
+        for name in ("recon_lr", "recon_time_budget_s", "recon_max_memory_mb", "recon_special_weight"):
             v = getattr(self, name)
-            if v is None and name == "recon_time_budget_s":
+            if v is None and name in ("recon_time_budget_s", "recon_special_weight"):
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                what = "a positive number of seconds, or None for no limit" if name == "recon_time_budget_s" else ""
-                raise ValueError(f"QuantVGGTConfig.{name} must be {what or 'a positive finite float'}, got {v!r}")
+            zero_ok = name == "recon_special_weight"
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (v == 0 and not zero_ok)
+            ):
+                what = {
+                    "recon_time_budget_s": "a positive number of seconds, or None for no limit",
+                    "recon_special_weight": "a finite weight >= 0, or None for the plain MSE",
+                }.get(name, "a positive finite float")
+                raise ValueError(f"QuantVGGTConfig.{name} must be {what}, got {v!r}")
             object.__setattr__(self, name, float(v))
 
     def recon_settings(self) -> ReconSettings:
@@ -167,6 +180,7 @@ class QuantVGGTConfig(SmoothQuantConfig):
             time_budget_s=self.recon_time_budget_s,
             max_memory_mb=self.recon_max_memory_mb,
             quant_inputs=self.recon_quant_inputs,
+            special_weight=self.recon_special_weight,
         )
 
 
@@ -316,9 +330,10 @@ class QuantVGGTHandler(QuantizeHandler):
         if state.blocks is not None:
             state.blocks.check()
             warn_dropped(state.blocks, config.recon_max_memory_mb)
+            special = int(getattr(getattr(model, "aggregator", None), "patch_start_idx", 0))  # camera + registers
             result = reconstruct_blocks(
                 model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
-                config.recon_settings(),
+                config.recon_settings(), special_tokens=special,
             )  # fmt: skip
             state.blocks = None  # frees the cached inputs
             for target, s in fold_order(result.scales, smooth.targets):

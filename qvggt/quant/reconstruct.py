@@ -93,6 +93,8 @@ class ReconSettings:
         time_budget_s: seconds for all blocks together, or None for no limit.
         max_memory_mb: bound on the cached activations (four copies of one block's inputs).
         quant_inputs: train each block on the quantized previous blocks' outputs (else on the float inputs).
+        special_weight: None for the plain MSE over all tokens, else the weight of the camera/register tokens'
+            mean squared error next to the patch tokens' (``_Objective``).
         progress: tqdm bar (one step per block, its loss in the postfix): True, False, or None for "when stderr
             is a terminal".
     """
@@ -104,6 +106,7 @@ class ReconSettings:
     time_budget_s: float | None = None
     max_memory_mb: float = 4096.0
     quant_inputs: bool = True
+    special_weight: float | None = None
     progress: bool | None = None
 
 
@@ -319,10 +322,33 @@ def _run(block: Block, xs: list[Tensor], extras: list[tuple[tuple[Any, ...], dic
         return [block(x, *a, **kw) for x, (a, kw) in zip(xs, extras, strict=True)]
 
 
-def _loss(block: Block, xs: list[Tensor], targets: list[Tensor], extras: list[Any]) -> tuple[float, list[Tensor]]:
+@dataclass(frozen=True)
+class _Objective:
+    """Mean squared error of a block's output; with ``special`` (token mask [N] of the camera/register tokens),
+    the patch tokens' mean plus ``weight`` times the special tokens' mean, so that the few tokens the camera head
+    reads are not drowned by the patch tokens (5 of 86 per frame on the small model)."""
+
+    special: Tensor | None = None
+    weight: float = 1.0
+
+    def __call__(self, out: Tensor, target: Tensor) -> Tensor:
+        if self.special is None:
+            return F.mse_loss(out, target)
+        d = (out - target).square().mean(dim=-1)  # [..., N]
+        return d[..., ~self.special].mean() + self.weight * d[..., self.special].mean()
+
+    @staticmethod
+    def for_tokens(n: int, per_frame: int, special: int, weight: float | None, device: torch.device) -> _Objective:
+        if weight is None or not special:
+            return _Objective()
+        return _Objective(torch.arange(n, device=device) % per_frame < special, weight)
+
+
+def _loss(
+    block: Block, xs: list[Tensor], targets: list[Tensor], extras: list[Any], objective: _Objective
+) -> tuple[float, list[Tensor]]:
     outs = _run(block, xs, extras)
-    total = sum(float(F.mse_loss(o, t, reduction="sum")) for o, t in zip(outs, targets, strict=True))
-    return total / sum(t.numel() for t in targets), outs
+    return sum(float(objective(o, t)) for o, t in zip(outs, targets, strict=True)) / len(outs), outs
 
 
 def _init_scales(
@@ -365,6 +391,7 @@ def _train_block(
     settings: ReconSettings,
     deadline: float,
     gen: torch.Generator,
+    objective: _Objective,
 ) -> _BlockRun:
     """Train one block whose planned Linears are ``wrappers`` (installed); empties ``fp_in``."""
     for w in wrappers.values():
@@ -374,7 +401,7 @@ def _train_block(
     for w in wrappers.values():
         w.quant, w.use_clip = True, False
     t = time.perf_counter()
-    loss_init, q_out = _loss(block, q_in, fp_out, extras)
+    loss_init, q_out = _loss(block, q_in, fp_out, extras, objective)
     t_pass = time.perf_counter() - t
     saved = [(w, w.log_s.detach().clone()) for w in wrappers.values() if w.log_s is not None]
     for w in wrappers.values():
@@ -396,7 +423,7 @@ def _train_block(
                 chunk = order[i : i + settings.batch]
                 for j in chunk:
                     a, kw = extras[j]
-                    (F.mse_loss(block(q_in[j], *a, **kw), fp_out[j]) / len(chunk)).backward()
+                    (objective(block(q_in[j], *a, **kw), fp_out[j]) / len(chunk)).backward()
                 opt.step()
                 steps += 1
                 step_time = max(step_time, time.perf_counter() - t)
@@ -405,7 +432,7 @@ def _train_block(
             break  # out of time
     loss_learned, kept = loss_init, False
     if steps:
-        loss_learned, learned_out = _loss(block, q_in, fp_out, extras)
+        loss_learned, learned_out = _loss(block, q_in, fp_out, extras, objective)
         kept = loss_learned < loss_init
         if kept:
             q_out = learned_out
@@ -428,6 +455,7 @@ def reconstruct_blocks(
     online: Mapping[str, int],
     alpha: float,
     settings: ReconSettings,
+    special_tokens: int = 0,
 ) -> ReconstructionResult:
     """Learn smoothing and clipping block by block (module docstring); the model is left as it was (nothing is
     folded or quantized here).
@@ -440,6 +468,7 @@ def reconstruct_blocks(
         online: layer name -> block size of its online input Hadamard.
         alpha: SmoothQuant's migration strength (initial scales).
         settings: epochs, lr, budget ...
+        special_tokens: camera + register tokens at the start of each frame's tokens (``special_weight``).
 
     Returns:
         ``ReconstructionResult`` (scales of the chain's smoothed Linears, learned clipping ratios, reports).
@@ -451,6 +480,7 @@ def reconstruct_blocks(
     gen = torch.Generator().manual_seed(settings.seed)
     fp_in, recorder.inputs = recorder.inputs, []  # from here on, only the current block's activations are held
     q_in = list(fp_in)
+    per_frame = recorder.shapes[names[0]][0][-2]  # the first block sees one frame's tokens per sequence
     params = {p for blk in recorder.blocks.values() for p in blk.parameters()}
     flags = {p: p.requires_grad for p in params}
     was_training = model.training
@@ -488,7 +518,9 @@ def reconstruct_blocks(
                 raise ValueError(f"reconstruction: {name}.attn.proj is smoothed but its qkv is not quantized")
             _swap(block, name, wrappers)
             try:
-                run = _train_block(block, wrappers, fp_in, q_in, extras, settings, deadline, gen)
+                n = shapes[0][-2]  # tokens per sequence: one frame (frame block) or all frames (global block)
+                objective = _Objective.for_tokens(n, per_frame, special_tokens, settings.special_weight, q_in[0].device)
+                run = _train_block(block, wrappers, fp_in, q_in, extras, settings, deadline, gen, objective)
             finally:
                 _swap(block, name, originals)
             fp_in, q_in = run.fp_out, run.q_out
