@@ -3,8 +3,9 @@
 ``build_engine(model)`` replaces every transformer ``Block`` of the aggregator (the DINOv2 encoder's and the frame
 and global blocks) by a ``FusedBlock``, casts the rest of the aggregator to bf16 and the heads to ``head_dtype``,
 and returns an ``Engine`` whose ``forward(images)`` runs the model the fast way. On CUDA, kernels are required
-(``qvggt.kernels.require_kernels``): a torch fallback raises instead of silently running slower. On CPU the same
-modules run the kernels' torch twins, so a checkpoint can be checked anywhere.
+(``qvggt.kernels.require_kernels``): a torch fallback raises instead of silently running slower, and the forward
+is captured as a CUDA graph per input shape and replayed (``qvggt.engine.graphs``; ``EngineOptions.cuda_graphs``).
+On CPU the same modules run the kernels' torch twins, eagerly, so a checkpoint can be checked anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from qvggt.engine.block import FusedBlock
+from qvggt.engine.graphs import GraphCache, GraphStats
 from qvggt.kernels import require_kernels
 from qvggt.model.layers import Block
 from qvggt.model.vggt import VGGT
@@ -30,11 +32,17 @@ class EngineOptions:
         attention: "sdpa" (PyTorch bf16 flash/cuDNN attention) or "fp8" (the Triton fp8 flash-attention kernel).
         head_dtype: dtype of the camera/DPT/track heads: bfloat16 (fast) or float32 (as published).
         frames_chunk_size: frames per DPT-head chunk (bounds activation memory at many frames).
+        cuda_graphs: on CUDA, capture the forward once per input shape (frames, H, W, query points) and replay it
+            afterwards; False runs every call eagerly. Inputs that cannot be graphed run eagerly either way, with
+            the reason logged (logger ``qvggt.engine``) and in ``Engine.graph_stats().fallbacks``.
+        graph_max_shapes: input shapes whose graphs are kept at once (least recently used dropped first).
     """
 
     attention: str = "sdpa"
     head_dtype: torch.dtype = torch.bfloat16
     frames_chunk_size: int = 8
+    cuda_graphs: bool = True
+    graph_max_shapes: int = 4
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "fp8"):
@@ -43,6 +51,8 @@ class EngineOptions:
             raise ValueError(f"EngineOptions.head_dtype must be torch.bfloat16 or torch.float32, got {self.head_dtype}")
         if self.frames_chunk_size <= 0:
             raise ValueError(f"EngineOptions.frames_chunk_size must be positive, got {self.frames_chunk_size}")
+        if self.graph_max_shapes < 1:
+            raise ValueError(f"EngineOptions.graph_max_shapes must be >= 1, got {self.graph_max_shapes}")
 
 
 def _replace_blocks(root: nn.Module, prefix: str, attention: str) -> int:
@@ -63,6 +73,13 @@ class Engine(nn.Module):
     def __init__(self, model: VGGT, options: EngineOptions) -> None:
         super().__init__()
         self.model, self.options = model, options
+        self.graphs = GraphCache(
+            self._run, enabled=options.cuda_graphs, max_shapes=options.graph_max_shapes, counters=_live_counters
+        )
+
+    def graph_stats(self) -> GraphStats:
+        """Captures, replays, eager calls and the reason for each eagerly run input shape."""
+        return self.graphs.stats
 
     @property
     def cfg(self):
@@ -79,8 +96,15 @@ class Engine(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
         out = super()._apply(fn, recurse)
+        self.graphs.clear()  # captured graphs read the old tensors' addresses
         require_kernels(fn(torch.empty(0)).device.type == "cuda")
         return out
+
+    def _run(self, images: Tensor, query_points: Tensor | None) -> dict:
+        return self.model(
+            images, query_points, dtype=torch.bfloat16, keep_all_layers=False,
+            frames_chunk_size=self.options.frames_chunk_size,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def forward(self, images: Tensor, query_points: Tensor | None = None, *, dtype: torch.dtype | None = None) -> dict:
@@ -91,10 +115,9 @@ class Engine(nn.Module):
         """
         if dtype not in (None, torch.bfloat16):
             raise ValueError(f"the engine runs in bfloat16 (set when it was built); got dtype={dtype}")
-        return self.model(
-            images.to(torch.bfloat16), query_points, dtype=torch.bfloat16, keep_all_layers=False,
-            frames_chunk_size=self.options.frames_chunk_size,
-        )  # fmt: skip
+        # Validated before any capture, so a bad input raises here rather than being recorded as a capture failure.
+        images = self.model.check_images(images.to(torch.bfloat16))
+        return self.graphs(images, query_points)
 
 
 def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
@@ -137,8 +160,16 @@ def _kernel_modules() -> list:
     return mods
 
 
+def _live_counters() -> list[dict[str, int]]:
+    """Every launcher counter dict, in a fixed order (a graph replay advances them by its captured launches)."""
+    return [c for mod in _kernel_modules() for c in (mod.KERNEL_CALLS, mod.FALLBACK_CALLS)]
+
+
 def kernel_call_counts() -> dict[str, dict[str, int]]:
-    """``{"kernel": {...}, "fallback": {...}}``: launches per launcher since the last reset (proof of the path)."""
+    """``{"kernel": {...}, "fallback": {...}}``: launches per launcher since the last reset (proof of the path).
+
+    CUDA-graph replays count too: each advances the counters by the launches its captured forward made.
+    """
     kernel: dict[str, int] = {}
     fallback: dict[str, int] = {}
     for mod in _kernel_modules():

@@ -8,6 +8,8 @@ frames, no mask). Each frame's sequence is ``[camera, registers..., patches...]`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -19,6 +21,17 @@ from qvggt.model.rope import RotaryEmbedding2D, TokenPositions, grid_positions
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std [1, 1, 3, 1, 1] on ``device``, made once: a host-to-device copy on every forward would
+    synchronise the stream, which CUDA-graph capture forbids. Constants, not buffers: a model built on meta and
+    loaded with assign=True has nothing left to fill. Plain tensors even when first made under inference_mode."""
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(1, 1, 3, 1, 1)
+    return mean, std
 
 
 def expand_special_tokens(token: Tensor, B: int, S: int) -> Tensor:
@@ -85,9 +98,7 @@ class Aggregator(nn.Module):
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         keep = set(range(self.cfg.depth)) if keep_layers is None else set(keep_layers)
 
-        # Constants, not buffers: a model built on meta and loaded with assign=True has nothing left to fill.
-        mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 1, 3, 1, 1)
+        mean, std = _normalization(images.dtype, images.device)
         x = ((images - mean) / std).reshape(B * S, 3, H, W)
         patches = self.patch_embed(x)  # [B*S, P_patch, C]
         C = patches.shape[-1]
