@@ -1,5 +1,6 @@
 """infra/: the compose file validates (Debian's docker-compose when installed, plus structural checks), the Helm
-values satisfy their schema and request GPUs, and no configuration file holds a secret."""
+values satisfy their schema and request GPUs, every image is pinned to a release, and no configuration file holds a
+secret."""
 
 from __future__ import annotations
 
@@ -133,3 +134,83 @@ def test_helm_values_schema_and_gpu_template() -> None:
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     pools = {d["entrypoint"].split(":")[-1]: d["work_pool"]["name"] for d in deployments}
     assert pools["quantize_vggt"] == values["worker"]["config"]["workPool"]
+
+
+# -- images pinned -------------------------------------------------------------------------------------------------
+
+# Repositories whose major.minor tags float over patch releases (python:3.11-slim moves with every 3.11.x): they
+# need major.minor.patch. Everything else needs at least major.minor (postgres 17.6, seaweedfs 4.41 are releases).
+_PATCH_PINNED = {"python"}
+
+
+def unpinned(ref: str, built_here: frozenset[str] = frozenset()) -> str | None:
+    """Why image ``ref`` is not pinned to a release (None when it is): no tag, ``latest``, or a floating tag. A
+    digest always pins; an image that this compose file builds itself (``build:``) may have any explicit tag."""
+    if "@sha256:" in ref:
+        return None
+    last = ref.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return "no tag (means latest)"
+    repo, tag = ref.rsplit(":", 1)
+    if tag == "latest" or tag.startswith("latest-"):
+        return "latest"
+    if ref in built_here:
+        return None
+    parts = 3 if repo.rsplit("/", 1)[-1] in _PATCH_PINNED else 2
+    if not re.match(rf"v?\d+(\.\d+){{{parts - 1},}}(?!\d)", tag):
+        return f"tag {tag!r} is not a release version (need {'major.minor.patch' if parts == 3 else 'major.minor'})"
+    return None
+
+
+def _image_refs() -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """(where, image) for every image infra/ names, each ``${VAR:-default}`` as both its default and its
+    .env.example value; and the images the compose file builds."""
+    env = _env_example()
+    refs: list[tuple[str, str]] = []
+
+    def expand(where: str, value: str) -> list[tuple[str, str]]:
+        m = re.fullmatch(r"\$\{([A-Z0-9_]+):-([^}]*)\}", value)
+        if not m:
+            assert "${" not in value, f"{where}: unsupported image reference {value!r}"
+            return [(where, value)]
+        var, default = m.groups()
+        assert var in env, f"{where}: {var} is not in .env.example"
+        return [(f"{where} (default)", default), (f"{where} (.env.example {var})", env[var])]
+
+    built: set[str] = set()
+    for name, service in yaml.safe_load(COMPOSE.read_text())["services"].items():
+        if "image" in service:
+            found = expand(f"compose {name}", service["image"])
+            refs += found
+            if "build" in service:
+                built |= {ref for _, ref in found}
+        else:
+            assert "build" in service, f"compose {name}: neither image nor build"
+    for dockerfile in sorted(INFRA.rglob("Dockerfile")):
+        for line in dockerfile.read_text().splitlines():
+            if line.strip().upper().startswith("FROM "):
+                refs.append((str(dockerfile.relative_to(REPO)), line.split()[1]))
+    values = yaml.safe_load((INFRA / "helm" / "values.yaml").read_text())
+    image = values["worker"]["image"]
+    refs.append(("helm worker.image", f"{image['repository']}:{image['prefectTag']}"))
+    template = json.loads(values["worker"]["config"]["baseJobTemplate"]["configuration"])
+    refs.append(("helm job template image", template["variables"]["properties"]["image"]["default"]))
+    return refs, frozenset(built)
+
+
+def test_unpinned_detects_floating_tags() -> None:
+    bad = ["chrislusf/seaweedfs:latest", "postgres", "postgres:17", "python:3.11-slim", "registry.example.com:5000/x",
+           "ghcr.io/org/img:main", "qvggt-worker:local"]  # fmt: skip
+    assert [ref for ref in bad if unpinned(ref) is None] == []
+    good = ["chrislusf/seaweedfs:4.41", "postgres:17.6", "python:3.11.13-slim", "prefecthq/prefect:3.9.1-python3.11",
+            "registry.example.com:5000/x:1.2", "postgres@sha256:" + "0" * 64]  # fmt: skip
+    assert {ref: unpinned(ref) for ref in good} == dict.fromkeys(good)
+    assert unpinned("qvggt-worker:local", frozenset({"qvggt-worker:local"})) is None  # built by compose itself
+
+
+def test_every_image_is_pinned() -> None:
+    refs, built = _image_refs()
+    problems = {f"{where}: {ref}": why for where, ref in refs if (why := unpinned(ref, built))}
+    assert problems == {}, problems
+    names = {ref.split(":")[0].rsplit("/", 1)[-1] for _, ref in refs}
+    assert {"seaweedfs", "postgres", "prefect", "python", "qvggt-worker"} <= names, names  # it saw them all
