@@ -88,6 +88,7 @@ lnq("layernorm_hadamard_quant fp8 b1024", True, had=1024)
 lnq("layernorm_hadamard_quant int8 b1024", False, had=1024)
 lnq("layernorm_hadamard_quant int8 b128", False, had=128)
 lnq("layernorm_hadamard_quant fp8 b128 (small, K=128)", True, had=128, block_k=128)
+lnq("layernorm_hadamard_quant int8 b64 (tiny, K=64)", False, had=64, block_k=64)
 lnq("token_hadamard_quant fp8 b4096 (fc2)", True, norm=False, had=4096, block_k=4096)
 lnq("token_hadamard_quant int8 b1024 (proj)", False, norm=False, had=1024)
 
@@ -145,6 +146,7 @@ ROTATION_VARIANTS = [
     "layernorm_hadamard_quant int8 b1024",
     "layernorm_hadamard_quant int8 b128",
     "layernorm_hadamard_quant fp8 b128 (small, K=128)",
+    "layernorm_hadamard_quant int8 b64 (tiny, K=64)",
     "token_hadamard_quant fp8 b4096 (fc2)",
     "token_hadamard_quant int8 b1024 (proj)",
 ]
@@ -162,6 +164,6 @@ def test_rotation_stage_stays_in_registers_and_a_row_of_shared_memory(reports: d
     """The butterflies exchange lanes through shared memory (layout conversions), never more than the row itself:
     no Hadamard matrix is staged (a dense 1024 x 1024 fp32 one would be 4 MB), so occupancy stays high."""
     r = reports[variant]
-    block_k = 128 if "K=128" in variant else (4096 if "b4096" in variant else 1024)
+    block_k = int(variant.split("K=")[1].rstrip(")")) if "K=" in variant else (4096 if "b4096" in variant else 1024)
     assert 0 < r["shared_bytes"] <= 4 * block_k  # at most one float32 row
     assert r["registers"] <= 128

@@ -172,3 +172,53 @@ def test_qk_norm_rope_on_gpu_matches_twin(batch: int, grid: tuple[int, int]) -> 
     q0, k0, v0 = qk_norm_rope_ref(qkv.float(), batch, 16, *norms, pos.yx, inv)
     assert _rel(q, q0) < 5e-3 and _rel(k, k0) < 5e-3  # bf16 output rounding
     assert torch.equal(v.float(), v0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("k,b", [(1024, 1024), (1024, 128), (128, 128), (64, 64)])
+def test_layernorm_hadamard_quant_on_gpu_matches_twin(fmt: str, k: int, b: int) -> None:
+    """The rotation stage as compiled for the GPU: vggt-1b (full width and 128 blocks), small and tiny widths."""
+    gen = torch.Generator(device="cuda").manual_seed(k + b)
+    x = (torch.randn(33312, k, device="cuda", generator=gen) * 3).bfloat16()
+    w, bias = torch.rand(k, device="cuda", generator=gen), torch.randn(k, device="cuda", generator=gen)
+    calls = layernorm_quant.KERNEL_CALLS["layernorm_hadamard_quant"]
+    q, s = layernorm_quant.layernorm_quant(x, w, bias, 1e-6, fmt, hadamard=b)
+    assert layernorm_quant.KERNEL_CALLS["layernorm_hadamard_quant"] == calls + 1
+    qr, sr = layernorm_quant_ref(x, w, bias, 1e-6, fmt, hadamard=b)
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    assert (q.float() != qr.float()).float().mean() < 1e-3  # LayerNorm's reduction order moves rare ties
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("k,b", [(4096, 4096), (1024, 1024), (4096, 128)])
+def test_token_hadamard_quant_on_gpu_is_bit_exact(fmt: str, k: int, b: int) -> None:
+    """Without LayerNorm the kernel's butterflies add in the twin's order and divide the same way: identical."""
+    gen = torch.Generator(device="cuda").manual_seed(k * b)
+    x = torch.randn(4099, k, device="cuda", generator=gen).bfloat16()
+    x[:, 17] = 300.0
+    q, s = layernorm_quant.token_quant(x, fmt, hadamard=b)
+    qr, sr = token_quant_ref(x, fmt, b)
+    assert torch.equal(s, sr)
+    assert torch.equal(q.float(), qr.float())
+
+
+def test_engine_runs_a_rotated_checkpoint_on_gpu() -> None:
+    """quarot (online Hadamard on every Linear's input) on the engine: kernels only, close to the CPU twins."""
+    from qvggt.model import build_model, get_preset
+    from qvggt.model.init import fill_name_seeded_
+    from qvggt.quant.api import quantize_
+    from qvggt.quant.config import weight_activation_formats
+    from qvggt.quant.quarot import QuaRotConfig
+
+    model = fill_name_seeded_(build_model(get_preset("tiny"))).eval()
+    w, a = weight_activation_formats(8, 8, fp8=True)
+    quantize_(model, QuaRotConfig(weight=w, activation=a))
+    images = torch.rand(1, 3, 3, 56, 84)
+    cpu = build_engine(copy.deepcopy(model), EngineOptions(head_dtype=torch.float32))(images)
+    engine = build_engine(model, EngineOptions(head_dtype=torch.float32, cuda_graphs=False)).cuda()
+    reset_kernel_call_counts()
+    out = engine(images.cuda())
+    counts = kernel_call_counts()
+    assert counts["kernel"]["layernorm_hadamard_quant"] == 16 and counts["kernel"]["token_hadamard_quant"] == 16
+    assert sum(counts["fallback"].values()) == 0
+    assert _rel(out["depth"].cpu(), cpu["depth"]) < 0.02 and _rel(out["pose_enc"].cpu(), cpu["pose_enc"]) < 0.05
