@@ -33,7 +33,7 @@ from qvggt.pipeline.preflight import check_tracking_uri
 from qvggt.pipeline.results import SharedCache
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.compare import compare_configs
-from tasks.steps import benchmark, evaluate, quantize, register, track, verify_base_weights
+from tasks.steps import benchmark, evaluate, fetch_base_weights, quantize, register, track, verify_base_weights
 
 # QVGGT_RESULT_STORAGE=s3://bucket/prefix: task results and step artifacts in a bucket, a cache machines share
 # (qvggt.pipeline.results). Read at import, so a deployment's worker picks it up from its environment.
@@ -103,8 +103,11 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     project = load_config(params)
     cfg = project.pipeline
     check_tracking_uri(cfg.mlflow_tracking_uri)  # an unreachable server fails now, not after the quantization
-    base = base_weights or cfg.base_weights
-    model_name = base_model or _base_model_name(base)
+    source = base_weights or cfg.base_weights
+    model_name = base_model or _base_model_name(source)
+    # s3:// weights are pulled (sha256-verified) into the local weights cache; every step reads that copy, and the
+    # cache keys hash its bytes, so machines that pulled the same object share cache hits.
+    base = fetch_base_weights(source) if source.startswith("s3://") else source
     out = Path(cfg.out_dir)
     base_sha = verify_base_weights(base)
     manifest = _calibration_set(base, project, out / "calib")

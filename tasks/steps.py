@@ -30,6 +30,15 @@ def _quantize_key(context: Any, p: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
+@task(name="fetch-base-weights", **{**RETRY, "persist_result": False})  # a local path: never shared or reused
+def fetch_base_weights(base_weights: str) -> str:
+    """A local, sha256-verified copy of ``s3://bucket/key`` base weights in the weights cache
+    (``QVGGT_WEIGHTS_CACHE``, default ``~/.cache/qvggt/weights``), downloaded only when missing or different."""
+    from qvggt.pipeline.storage import fetch, weights_cache_dir
+
+    return str(fetch(base_weights, weights_cache_dir()))
+
+
 @task(name="verify-base-weights", **RETRY)
 def verify_base_weights(base_weights: str) -> str:
     """sha256 of the base weights after checking they load as a VGGT (a clear error otherwise)."""
@@ -116,8 +125,15 @@ def _track_key(context: Any, p: dict[str, Any]) -> str:
 
 @task(name="track", cache_key_fn=_track_key, **RETRY)
 def track(
-    job: dict, checkpoint: str, metrics_path: str, bench: dict, base_sha256: str, tracking_uri: str, flow_run_id: str,
-    git_revision: str = "unknown", dvc_revision: str = "unknown",
+    job: dict,
+    checkpoint: str,
+    metrics_path: str,
+    bench: dict,
+    base_sha256: str,
+    tracking_uri: str,
+    flow_run_id: str,
+    git_revision: str = "unknown",
+    dvc_revision: str = "unknown",
 ) -> str:
     """Log one quantized config to MLflow (experiment per base model); returns the run id.
 

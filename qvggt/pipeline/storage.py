@@ -327,6 +327,30 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+WEIGHTS_CACHE_ENV = "QVGGT_WEIGHTS_CACHE"
+
+
+def weights_cache_dir(env: dict[str, str] | os._Environ | None = None) -> Path:
+    """Where ``s3://`` base weights are kept locally: ``QVGGT_WEIGHTS_CACHE``, default ``~/.cache/qvggt/weights``."""
+    env = os.environ if env is None else env
+    return Path(env.get(WEIGHTS_CACHE_ENV) or Path.home() / ".cache" / "qvggt" / "weights").expanduser()
+
+
+def fetch(uri: str, cache_dir: str | Path, client: Any | None = None) -> Path:
+    """A verified local copy of ``s3://bucket/key`` at ``<cache_dir>/<bucket>/<key>``; its path.
+
+    :meth:`S3Store.pull` semantics: the object must record its sha256 (pushed with :class:`S3Store`); the bytes
+    are downloaded beside the target, checked against it and only then renamed into place, so a corrupt download
+    never replaces a good copy. A copy that already matches is not downloaded again. Endpoint, retries and
+    credentials as for every ``S3Store`` (the environment).
+    """
+    bucket, key = parse_s3_uri(uri)
+    settings = S3Settings.from_env(env={**os.environ, "QVGGT_S3_BUCKET": bucket}, prefix="")
+    store = S3Store(settings, client)
+    local = Path(cache_dir) / bucket / store.key(key)  # key() refuses '..' and absolute keys
+    return store.pull(key, local)
+
+
 @dataclass(frozen=True)
 class Fingerprint:
     """Identity of a weights file: ``kind`` is ``sha256`` (content hash) or ``etag`` (S3 object without one).

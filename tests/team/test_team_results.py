@@ -6,7 +6,8 @@ the bucket (QVGGT_RESULT_STORAGE) and the MLflow server; nothing on disk. Prefec
 storage, not in the API, so B's hits can only come from the bucket. Both run one snapshot of the code (as two
 checkouts of one commit would): the cache keys hash qvggt's source, which may change under a test in a busy tree. B's content-keyed steps must all be cache hits served from the bucket: its task runs finish
 Cached, nothing new is written to the results prefix, nothing is logged to MLflow twice, and its checkpoint is A's,
-pulled and verified.
+pulled and verified. The base weights are an s3:// object that each machine's fetch step pulls into its own
+weights cache (verified against the sha256 recorded at push): the keys hash those bytes, so they agree.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from conftest import BUCKET, Server
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.pipeline.results import SharedCache
-from qvggt.pipeline.storage import StorageConfigError
+from qvggt.pipeline.storage import S3Settings, S3Store, StorageConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "team-cache"
@@ -51,14 +52,14 @@ def test_shared_cache_settings() -> None:
             SharedCache.from_env({"QVGGT_RESULT_STORAGE": bad})
 
 
-def _machine(root: Path, name: str, base: Path, tracking_uri: str) -> Path:
+def _machine(root: Path, name: str, base: str, tracking_uri: str) -> Path:
     """A working folder with its own params.yaml (relative out_dir, as on a worker)."""
     work = root / name
     work.mkdir()
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["calibrate"] = {**doc["calibrate"], "pool_scenes": 4, "n_clusters": 2, "n_per_cluster": 1, "n_init": 1}
     doc["pipeline"] = {
-        "base_weights": str(base), "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}],
+        "base_weights": base, "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}],
         "calib_scenes": 1, "eval_scenes": 1, "eval_frames": 2, "out_dir": "runs/pipeline",
         "mlflow_tracking_uri": tracking_uri,
     }  # fmt: skip
@@ -78,7 +79,7 @@ def _run(work: Path, code: Path, s3_endpoint: str, api_url: str) -> str:
         **os.environ, "PREFECT_HOME": str(work / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         "QVGGT_RESULT_STORAGE": f"s3://{BUCKET}/{PREFIX}", "AWS_ENDPOINT_URL_S3": s3_endpoint,
-        "PREFECT_API_URL": api_url, "PYTHONPATH": str(code),
+        "PREFECT_API_URL": api_url, "PYTHONPATH": str(code), "QVGGT_WEIGHTS_CACHE": str(work / "weights"),
     }  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(code / "flows" / "quantize_vggt.py"), "--params", "params.yaml"],
@@ -108,7 +109,11 @@ def test_second_machine_gets_cache_hits_from_the_bucket(
     root = team_root / "shared-cache"
     root.mkdir()
     torch.manual_seed(0)
-    base = save_checkpoint(load_vggt(preset="tiny"), root / "tiny.safetensors")
+    local_base = save_checkpoint(load_vggt(preset="tiny"), root / "tiny.safetensors")
+    key = "base/shared-tiny/model.safetensors"
+    sha = S3Store(S3Settings(bucket=BUCKET, prefix="", endpoint_url=s3_endpoint)).push(local_base, key).sha256
+    local_base.unlink()  # the bucket holds the only copy
+    base = f"s3://{BUCKET}/{key}"
     code = _snapshot(root / "code")
     a = _machine(root, "machine-a", base, mlflow_server.url)
     b = _machine(root, "machine-b", base, mlflow_server.url)
@@ -125,14 +130,16 @@ def test_second_machine_gets_cache_hits_from_the_bucket(
 
     shutil.rmtree(a / "runs")  # nothing of A's on disk that B could see
     log_b = _run(b, code, s3_endpoint, prefect_server.url)
-    for step in CACHED_STEPS:
+    for step in ("fetch-base-weights", *CACHED_STEPS):
         assert f"Task run '{step}-" in log_b
+    assert hashlib.sha256((b / "weights" / BUCKET / key).read_bytes()).hexdigest() == sha  # pulled, verified
     assert log_b.count("Cached(type=COMPLETED)") == len(CACHED_STEPS), log_b[-4000:]
     assert _keyed(_objects(s3, f"{PREFIX}/results/")) == results  # no record rewritten: B computed nothing keyed
     shared = s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/artifacts/{ckpt}")["Body"].read()
     assert hashlib.sha256((b / ckpt).read_bytes()).digest() == hashlib.sha256(shared).digest()  # A's, pulled
     client = mlflow.MlflowClient(mlflow_server.url)
-    sha = hashlib.sha256(base.read_bytes()).hexdigest()
-    exp = client.get_experiment_by_name(f"qvggt-{sha[:12]}")
-    assert len(client.search_runs([exp.experiment_id])) == 1  # B's track step was a hit: nothing logged twice
-    assert len(client.search_model_versions("name = 'qvggt-tiny'")) == 1
+    exp = client.get_experiment_by_name(f"qvggt-{sha[:12]}")  # named by the pulled weights' sha256
+    (run,) = client.search_runs([exp.experiment_id])  # B's track step was a hit: nothing logged twice
+    assert run.data.tags["base_sha256"] == sha
+    (version,) = client.search_model_versions("name = 'qvggt-shared-tiny'")  # named after the object's folder
+    assert version.tags["base_sha256"] == sha  # what the watcher compares with the object's recorded sha256
