@@ -28,7 +28,7 @@ import pytest
 
 # These tests need the pipeline extra (boto3, mlflow, prefect) and the test servers' packages. Without them the
 # folder is not collected (and the header says so) rather than failing `make test` on a core-only install.
-_NEEDED = ("boto3", "moto", "mlflow", "prefect", "jsonschema", "httpx", "flask")
+_NEEDED = ("boto3", "moto", "mlflow", "prefect", "jsonschema", "check_jsonschema", "httpx", "flask")
 MISSING = [m for m in _NEEDED if importlib.util.find_spec(m) is None]
 if MISSING:
     collect_ignore_glob = ["test_*.py"]

@@ -53,6 +53,112 @@ def test_compose_validates_with_docker_compose(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "POSTGRES_PASSWORD" in bad.stderr
 
 
+# -- the compose file against the Compose Specification, without docker-compose ---------------------------------
+# Debian's docker-compose (above) needs root to install and is skipped where it is absent; PyPI's docker-compose
+# 1.29.2 needs PyYAML < 6 and jsonschema < 4, which conflict with this project's. So the check that always runs
+# does what `docker compose config` does first: interpolate the variables (Compose's syntax, from .env.example),
+# then validate against the Compose Specification's JSON schema, vendored in check-jsonschema (a dev extra), plus the
+# cross-references a schema cannot express.
+
+_INTERPOLATION = re.compile(
+    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*)|(\{))"
+)
+
+
+class InterpolationError(ValueError):
+    pass
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose variable interpolation over every string of a parsed compose file: ``$$``, ``$VAR``, ``${VAR}``,
+    ``${VAR:-default}`` / ``${VAR-default}`` (unset or empty / unset), ``${VAR:?error}`` / ``${VAR?error}``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        dollar, name, op, arg, bare, broken = m.groups()
+        if dollar:
+            return "$"
+        if broken:
+            raise InterpolationError(f"invalid interpolation in {value!r}")
+        name = name or bare
+        current = env.get(name)
+        missing = current is None or (op is not None and op.startswith(":") and current == "")
+        if op in (":-", "-"):
+            return arg if missing else current
+        if op in (":?", "?") and missing:
+            raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+        return current or ""
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def _compose_spec_validator() -> Any:
+    from importlib.resources import files
+
+    schema = json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def compose_problems(doc: dict[str, Any], validator: Any) -> list[str]:
+    """Schema errors of an interpolated compose file, plus references the schema cannot check: depends_on targets,
+    named volumes, build contexts."""
+    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    services, volumes = doc.get("services", {}), set(doc.get("volumes") or {})
+    for name, service in services.items():
+        for target in service.get("depends_on") or {}:
+            if target not in services:
+                problems.append(f"{name}: depends_on unknown service {target!r}")
+        for mount in service.get("volumes") or []:
+            source = mount.split(":", 1)[0] if isinstance(mount, str) else mount.get("source", "")
+            if source and not source.startswith((".", "/", "~")) and source not in volumes:
+                problems.append(f"{name}: volume {source!r} is not declared")
+        build = service.get("build")
+        if build is not None:
+            context = COMPOSE.parent / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            if not (context / dockerfile).is_file():
+                problems.append(f"{name}: no {dockerfile} in build context {context}")
+    return problems
+
+
+def test_compose_matches_compose_spec() -> None:
+    """Always runs: the compose file, interpolated with .env.example, is a valid Compose Specification document;
+    mistakes docker-compose would reject fail here too; a missing secret is refused naming the variable."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    validator = _compose_spec_validator()
+    doc = interpolate(raw, _env_example())
+    assert compose_problems(doc, validator) == []
+    assert doc["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "change-me"
+    # $${VAR} is the container's own variable: compose leaves ${VAR} for the shell in the container.
+    assert doc["services"]["postgres"]["healthcheck"]["test"][1] == "pg_isready -U ${POSTGRES_USER} -d ${POSTGRES_DB}"
+    # The check has teeth: each of these is an error docker-compose reports.
+    for label, mutate in {
+        "typo in a service key": lambda d: d["services"]["mlflow"].update(enviroment={}),
+        "unknown depends_on condition": lambda d: d["services"]["worker-cpu"]["depends_on"]["prefect-server"].update(
+            condition="service_ready"
+        ),
+        "GPU capabilities not a list": lambda d: d["services"]["worker-gpu"]["deploy"]["resources"]["reservations"][
+            "devices"
+        ][0].update(capabilities="gpu"),
+        "undeclared named volume": lambda d: d["services"]["postgres"].update(volumes=["pgdata:/var/lib/postgresql"]),
+        "depends on a missing service": lambda d: d["services"]["mlflow"]["depends_on"].update(
+            redis={"condition": "service_started"}
+        ),
+    }.items():
+        broken = json.loads(json.dumps(doc))
+        mutate(broken)
+        assert compose_problems(broken, validator), label
+    env = {k: v for k, v in _env_example().items() if k != "POSTGRES_PASSWORD"}
+    with pytest.raises(InterpolationError, match="POSTGRES_PASSWORD is missing a value: set POSTGRES_PASSWORD"):
+        interpolate(raw, env)
+    assert interpolate("${A:-x}/${A-y}/$$A/${B}", {"A": ""}) == "x//$A/"
+
+
 def test_compose_structure() -> None:
     spec = yaml.safe_load(COMPOSE.read_text())
     services = spec["services"]
