@@ -3,7 +3,8 @@
 ``published``: the model as VGGT's README runs it: fp32 weights under bf16 autocast (fp32 residual stream), all 24
 aggregator layers kept, fp32 heads. ``bf16-fused``: our engine with float weights (bf16 GEMMs with fused
 epilogues, bf16 residual, 4 kept layers, bf16 heads): fusion gains alone. The rest add RTN quantization of the 192
-aggregator-block Linears (default coverage) on top of the engine: quantization gains.
+aggregator-block Linears (default coverage) on top of the engine: quantization gains. Engine configs replay a
+CUDA graph per input shape; ``w8a8-fp8-eager`` is ``w8a8-fp8`` without graphs: the launch-overhead gain alone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class BenchConfig:
     activation: str | None = None  # QuantFormat name of the dynamic activations, None: weight-only / float
     attention: str = "sdpa"
     description: str = ""
+    cuda_graphs: bool = True  # engine configs: replay a CUDA graph per input shape (EngineOptions.cuda_graphs)
 
 
 BENCH_CONFIGS: dict[str, BenchConfig] = {
@@ -49,6 +51,14 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
             "fp8_e4m3-token",
             "fp8",
             description="w8a8-fp8 plus the fp8 flash-attention kernel",
+        ),
+        BenchConfig(
+            "w8a8-fp8-eager",
+            True,
+            "fp8_e4m3-channel",
+            "fp8_e4m3-token",
+            description="w8a8-fp8 without CUDA graphs (eager launches)",
+            cuda_graphs=False,
         ),
     )
 }
@@ -77,4 +87,4 @@ def build_config_model(master: VGGT, config: BenchConfig, device: torch.device) 
 
         act = None if config.activation is None else parse_format(config.activation)
         quantize_(model, RTNConfig(weight=parse_format(config.weight), activation=act))
-    return build_engine(model, EngineOptions(attention=config.attention)).to(device)
+    return build_engine(model, EngineOptions(attention=config.attention, cuda_graphs=config.cuda_graphs)).to(device)
