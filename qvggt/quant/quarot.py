@@ -16,9 +16,9 @@ above), recorded where the engine and the checkpoint can see it:
 
 b is the largest power of two dividing the layer's width, capped by ``QuaRotConfig.rotation_block`` (0: no cap),
 so for VGGT-1B it is the full width (1024 for qkv / proj / fc1, 4096 for fc2) and for a 9-wide layer 1 (no
-rotation). The engine runs the rotation on proj's and fc2's inputs (torch between GEMMs; fc2's is fused into fc1's
-epilogue when b is the tile width 128), but refuses it on qkv / fc1 (LayerNorm outputs): the fused
-LayerNorm -> quantization kernel has no rotation stage yet. The torch reference path runs every case.
+rotation). The engine runs each rotation as a stage of the kernel that quantizes the layer's input (qkv / fc1:
+the fused LayerNorm -> Hadamard -> quantization kernel; proj / fc2: token quantization, or fc1's epilogue when b
+is the tile width 128). The torch reference path runs every case.
 
 The plain (not randomised) Hadamard is used, as QuaRot does for its online rotations; random signs would need an
 online sign flip wherever no preceding op can absorb them (after GELU).
