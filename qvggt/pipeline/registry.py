@@ -11,9 +11,13 @@ tag                             meaning
 ``pose_auc30_retention``        100 x AUC@30(quantized) / AUC@30(base), on the same scenes
 ``pose_auc30_retention_low``    lower end of the paired bootstrap 95% interval, as retention:
                                 100 x (AUC@30(base) + low(quantized - base)) / AUC@30(base)
+``base_pose_auc30``             the base model's own pose AUC@30 (%) on those scenes
+``fid_pose_auc30``              fidelity: pose AUC@30 (%) of the quantized model's poses scored against the
+                                base model's poses on the same inputs (100 = the same poses)
 ``speedup``                     GPU end-to-end speedup over the base model, ``none`` without a GPU benchmark
 ``weight_bytes``                bytes of the packed quantized weights
 ``eligible``                    ``true`` when the version passes the quality gate below
+``gate``                        ``pass``, or why the version failed the gate
 ==============================  ===========================================================================
 
 The champion rule (:data:`RULE_VERSION`; :func:`select_champion` is the one implementation):
@@ -22,7 +26,11 @@ The champion rule (:data:`RULE_VERSION`; :func:`select_champion` is the one impl
 2. **Quality gate.** A version is eligible when its pose AUC@30 retention is at least
    :data:`MIN_RETENTION` (98 %) *and* the lower end of its 95 % interval is at least 98 % too, i.e. the interval
    excludes a loss larger than 2 % (a point estimate of 98.5 % on three noisy scenes does not pass). A base model
-   with AUC@30 = 0 makes retention undefined: nothing is eligible.
+   with AUC@30 = 0 makes retention undefined: nothing is eligible. **Weak base models** (rule v2): when the base
+   model's own AUC@30 is below :data:`MIN_BASE_AUC30` (50 %), retention says little (a model that gets 1 % of
+   its poses right keeps "100 %" of that whatever the quantizer does to it), so the version must also reproduce
+   the base model: fidelity AUC@30 (its poses scored against the base model's) at least :data:`MIN_FIDELITY`
+   (95 %). A version without these numbers (registered under rule v1) is not eligible.
 3. **Score.** Among eligible versions: the highest ``speedup`` when both compared versions have one; otherwise
    (no GPU benchmark on either side) the smallest ``weight_bytes``.
 4. **Ties and incumbents.** A version must be strictly better to win; on a tie the lower version number (the
@@ -48,13 +56,22 @@ from qvggt.pipeline.credentials import assert_no_secrets
 
 CHAMPION = "champion"
 MIN_RETENTION = 98.0
-RULE_VERSION = "1"
+# Below this base accuracy (pose AUC@30, %) retention is near-meaningless and fidelity to the base is required too.
+# The embedded small model scores 0.42 % on the pipeline's 8 synthetic evaluation scenes (runs/pipeline/eval).
+MIN_BASE_AUC30 = 50.0
+# Fidelity AUC@30 (%) a version of a weak base must reach. On those scenes: quantvggt W8A8 98.2, quantvggt W4A4
+# 76.5, RTN W4A4 69.4, while their "retention" was 100, 100 and 83 %: rule v1 would have crowned W4A4.
+MIN_FIDELITY = 95.0
+RULE_VERSION = "2"
 RULE_SUMMARY = (
     f"champion rule v{RULE_VERSION}: among versions of the current base weights whose pose AUC@30 retention and "
-    f"the lower end of its 95% interval are both >= {MIN_RETENTION:g}%, the highest GPU speedup (smallest weight "
-    "bytes when either lacks a GPU benchmark); strictly better only, ties to the earlier version"
+    f"the lower end of its 95% interval are both >= {MIN_RETENTION:g}% (and, when the base model's own AUC@30 is "
+    f"below {MIN_BASE_AUC30:g}%, whose fidelity AUC@30 to the base is >= {MIN_FIDELITY:g}%), the highest GPU "
+    "speedup (smallest weight bytes when either lacks a GPU benchmark); strictly better only, ties to the earlier "
+    "version"
 )
 POSE_METRIC = "pose_auc@30"  # the evaluation's metric name (qvggt.eval.runner)
+FIDELITY_METRIC = "fid_pose_auc@30"  # the quantized model's poses scored against the base model's
 
 
 @dataclass(frozen=True)
@@ -65,12 +82,16 @@ class CandidateMetrics:
     pose_auc30_retention_low: the lower end of its paired bootstrap 95% interval, in retention % (see module doc).
     weight_bytes: bytes of the packed quantized weights.
     speedup: GPU end-to-end speedup over the base model; None when there was no GPU to benchmark on.
+    base_pose_auc30: the base model's own pose AUC@30 (%); NaN when unknown (then fidelity is required).
+    fid_pose_auc30: fidelity pose AUC@30 (%) against the base model's poses; NaN when unknown.
     """
 
     pose_auc30_retention: float
     pose_auc30_retention_low: float
     weight_bytes: int
     speedup: float | None = None
+    base_pose_auc30: float = math.nan
+    fid_pose_auc30: float = math.nan
 
     def __post_init__(self) -> None:
         if self.weight_bytes <= 0:
@@ -79,10 +100,30 @@ class CandidateMetrics:
             raise ValueError(f"speedup must be a positive number or None, got {self.speedup}")
 
     @property
+    def weak_base(self) -> bool:
+        """The base model's AUC@30 is below MIN_BASE_AUC30 (or unknown): the gate also asks for fidelity."""
+        return not (math.isfinite(self.base_pose_auc30) and self.base_pose_auc30 >= MIN_BASE_AUC30)
+
+    def gate_failures(self) -> list[str]:
+        """Why the version fails the quality gate (module docstring, step 2); empty when it passes. NaN fails."""
+        r, low, fid = self.pose_auc30_retention, self.pose_auc30_retention_low, self.fid_pose_auc30
+        failures = []
+        if not (math.isfinite(r) and r >= MIN_RETENTION):
+            failures.append(f"AUC@30 retention {r:.2f}% < {MIN_RETENTION:g}%")
+        if not (math.isfinite(low) and low >= MIN_RETENTION):
+            failures.append(f"its 95% interval reaches {low:.2f}% < {MIN_RETENTION:g}%")
+        if self.weak_base and not (math.isfinite(fid) and fid >= MIN_FIDELITY):
+            failures.append(
+                f"base AUC@30 {self.base_pose_auc30:.2f}% is below the {MIN_BASE_AUC30:g}% floor and fidelity "
+                f"AUC@30 {fid:.2f}% < {MIN_FIDELITY:g}%"
+            )
+        return failures
+
+    @property
     def eligible(self) -> bool:
-        """The quality gate: retention and its interval's lower end both >= MIN_RETENTION (NaN fails)."""
-        r, low = self.pose_auc30_retention, self.pose_auc30_retention_low
-        return math.isfinite(r) and math.isfinite(low) and r >= MIN_RETENTION and low >= MIN_RETENTION
+        """The quality gate: retention and its interval's lower end >= MIN_RETENTION, and for a weak base model
+        fidelity >= MIN_FIDELITY."""
+        return not self.gate_failures()
 
     @classmethod
     def from_eval(
@@ -90,8 +131,8 @@ class CandidateMetrics:
     ) -> CandidateMetrics:
         """From a ``qvggt eval`` ``metrics.json`` (``models``, ``aggregate``, ``comparison``) for ``model``.
 
-        The reference is the first model of the evaluation (the base). Missing pose numbers give NaN retention,
-        which the gate rejects, rather than an error: a config without poses simply cannot be champion.
+        The reference is the first model of the evaluation (the base). Missing pose numbers give NaN retention
+        (or fidelity), which the gate rejects, rather than an error: a config without poses cannot be champion.
         """
         names = list(metrics["models"])
         if model not in metrics.get("comparison", {}):
@@ -101,7 +142,8 @@ class CandidateMetrics:
         retention = float(cmp.get("retention", math.nan))
         low = float(cmp.get("low", math.nan))
         retention_low = 100.0 * (ref + low) / ref if math.isfinite(ref) and ref != 0 else math.nan
-        return cls(retention, retention_low, int(weight_bytes), speedup)
+        fidelity = float(metrics["aggregate"].get(model, {}).get(FIDELITY_METRIC, math.nan))
+        return cls(retention, retention_low, int(weight_bytes), speedup, ref, fidelity)
 
     def to_tags(self) -> dict[str, str]:
         return {
@@ -109,7 +151,10 @@ class CandidateMetrics:
             "pose_auc30_retention_low": repr(float(self.pose_auc30_retention_low)),
             "weight_bytes": str(int(self.weight_bytes)),
             "speedup": "none" if self.speedup is None else repr(float(self.speedup)),
+            "base_pose_auc30": repr(float(self.base_pose_auc30)),
+            "fid_pose_auc30": repr(float(self.fid_pose_auc30)),
             "eligible": str(self.eligible).lower(),
+            "gate": "; ".join(self.gate_failures()) or "pass",
         }
 
     @classmethod
@@ -122,6 +167,8 @@ class CandidateMetrics:
                 float(tags["pose_auc30_retention_low"]),
                 int(tags["weight_bytes"]),
                 None if speedup in ("none", "") else float(speedup),
+                float(tags.get("base_pose_auc30", "nan")),  # absent under rule v1: unknown, so fidelity required
+                float(tags.get("fid_pose_auc30", "nan")),
             )
         except (KeyError, ValueError):
             return None
@@ -170,11 +217,14 @@ def select_champion(candidates: Iterable[Candidate], base_sha256: str, incumbent
     score = f"speedup {m.speedup:.3g}x" if m.speedup is not None else f"{m.weight_bytes} weight bytes"
     if best.version == incumbent:
         return Decision(incumbent, False, f"version {incumbent} stays champion ({score}); no eligible version beats it")
+    quality = f"AUC@30 retention {m.pose_auc30_retention:.2f}% [low {m.pose_auc30_retention_low:.2f}%]"
+    if m.weak_base:
+        quality += f", fidelity {m.fid_pose_auc30:.2f}% (base AUC@30 {m.base_pose_auc30:.2f}%)"
     return Decision(
         best.version,
         True,
-        f"version {best.version} becomes champion ({score}, AUC@30 retention {m.pose_auc30_retention:.2f}% "
-        f"[low {m.pose_auc30_retention_low:.2f}%])" + (f" over version {incumbent}" if incumbent is not None else ""),
+        f"version {best.version} becomes champion ({score}, {quality})"
+        + (f" over version {incumbent}" if incumbent is not None else ""),
     )
 
 

@@ -11,6 +11,7 @@ from conftest import BUCKET, Server
 
 from qvggt.pipeline.registry import (
     CHAMPION,
+    MIN_BASE_AUC30,
     Candidate,
     CandidateMetrics,
     current_champion,
@@ -22,10 +23,14 @@ from qvggt.pipeline.registry import (
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
+SHA_C = "c" * 64
 
 
-def _m(ret: float, low: float, nbytes: int, speedup: float | None = None) -> CandidateMetrics:
-    return CandidateMetrics(ret, low, nbytes, speedup)
+def _m(
+    ret: float, low: float, nbytes: int, speedup: float | None = None, base: float = 90.0, fid: float = math.nan
+) -> CandidateMetrics:
+    """A candidate; by default of a strong base model (AUC@30 90 %), where fidelity is not asked for."""
+    return CandidateMetrics(ret, low, nbytes, speedup, base, fid)
 
 
 # -- the rule, pure -----------------------------------------------------------------------------------------------
@@ -36,6 +41,14 @@ def test_quality_gate() -> None:
     assert not _m(97.9, 97.0, 10).eligible  # point estimate below 98 %
     assert not _m(99.5, 96.0, 10).eligible  # interval does not exclude a > 2 % loss
     assert not _m(math.nan, math.nan, 10).eligible  # base AUC@30 = 0: retention undefined
+    # A weak base model (AUC@30 below the floor): full "retention" is not enough, fidelity to the base decides.
+    assert not _m(100.0, 100.0, 10, base=1.5).eligible  # fidelity unknown
+    weak = _m(100.0, 100.0, 10, base=1.5, fid=76.5)
+    assert not weak.eligible and "fidelity AUC@30 76.50% < 95%" in weak.gate_failures()[0]
+    assert _m(100.0, 100.0, 10, base=1.5, fid=98.2).eligible
+    assert not _m(97.0, 95.0, 10, base=1.5, fid=99.0).eligible  # fidelity does not replace retention
+    assert _m(99.0, 98.0, 10, base=MIN_BASE_AUC30).eligible  # at the floor: retention alone, as in rule v1
+    assert not _m(99.0, 98.0, 10, base=math.nan).eligible  # unknown base accuracy: fidelity required
     with pytest.raises(ValueError, match="weight_bytes"):
         _m(99, 99, 0)
     with pytest.raises(ValueError, match="speedup"):
@@ -66,13 +79,20 @@ def test_select_champion_rule() -> None:
 def test_from_eval_metrics_json() -> None:
     metrics = {
         "models": {"base": {}, "w8a8": {}},
-        "aggregate": {"base": {"pose_auc@30": 0.5}, "w8a8": {"pose_auc@30": 0.495}},
+        "aggregate": {"base": {"pose_auc@30": 0.5}, "w8a8": {"pose_auc@30": 0.495, "fid_pose_auc@30": 98.2}},
         "comparison": {"w8a8": {"pose_auc@30": {"mean_diff": -0.005, "low": -0.008, "high": 0.0, "retention": 99.0}}},
     }
     m = CandidateMetrics.from_eval(metrics, "w8a8", weight_bytes=1234)
     assert m.pose_auc30_retention == 99.0
     assert m.pose_auc30_retention_low == pytest.approx(100 * (0.5 - 0.008) / 0.5)
-    assert m.eligible and m.speedup is None
+    assert (m.base_pose_auc30, m.fid_pose_auc30) == (0.5, 98.2)
+    assert m.weak_base and m.eligible and m.speedup is None  # 0.5 % base: eligible through its fidelity
+    assert CandidateMetrics.from_tags(m.to_tags()) == m
+    metrics["aggregate"]["w8a8"]["fid_pose_auc@30"] = 76.5  # retention 99 %, but it no longer tracks the base
+    assert not CandidateMetrics.from_eval(metrics, "w8a8", weight_bytes=1234).eligible
+    # Tags of a rule-v1 version (no base accuracy, no fidelity) parse, and cannot be champion under v2.
+    v1_tags = {k: v for k, v in m.to_tags().items() if k not in ("base_pose_auc30", "fid_pose_auc30")}
+    assert not CandidateMetrics.from_tags(v1_tags).eligible
     metrics["aggregate"]["base"]["pose_auc@30"] = 0.0
     assert not CandidateMetrics.from_eval(metrics, "w8a8", weight_bytes=1).eligible
     with pytest.raises(KeyError, match="not a compared model"):
@@ -157,3 +177,14 @@ def test_champion_better_takes_worse_does_not(mlflow_client, tmp_path: Path) -> 
     champ = current_champion(base, client=mlflow_client)
     assert champ is not None and champ.tags["base_sha256"] == SHA_B
     assert champ.source.endswith("/quantized")
+
+    # New weights of a weak base model (AUC@30 1.5 %, like the embedded small model): a smaller version with full
+    # "retention" that does not reproduce the base's poses does not take the alias; a faithful one does.
+    unfaithful = add("w4a4-weak", SHA_C, _m(100.0, 100.0, 500, base=1.5, fid=76.5))
+    d = update_champion(base, SHA_C, client=mlflow_client)
+    assert not d.changed and champion() == new_base, d.reason
+    gate = mlflow_client.get_model_version(name, str(unfaithful)).tags["gate"]
+    assert "below the 50% floor and fidelity AUC@30 76.50% < 95%" in gate
+    faithful = add("w8a8-weak", SHA_C, _m(100.0, 100.0, 4000, base=1.5, fid=98.2))
+    d = update_champion(base, SHA_C, client=mlflow_client)
+    assert d.changed and champion() == faithful and "fidelity 98.20%" in d.reason, d.reason

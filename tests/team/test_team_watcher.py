@@ -123,7 +123,9 @@ def test_watcher_starts_run_only_when_weights_change(
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"q")
     client.log_artifact(run.info.run_id, str(ckpt), artifact_path="quantized")
-    register_candidate(run.info.run_id, BASE_MODEL, sha1, CandidateMetrics(99.5, 98.8, 1000), client=client)
+    register_candidate(
+        run.info.run_id, BASE_MODEL, sha1, CandidateMetrics(99.5, 98.8, 1000, base_pose_auc30=90.0), client=client
+    )
     assert update_champion(BASE_MODEL, sha1, client=client).changed
 
     same = _watch(prefect_server, mlflow_server, team_root, weights, "unchanged")
