@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +51,7 @@ from qvggt.quant.formats import Granularity, QuantFormat
 from qvggt.quant.linear import QuantLinear
 from qvggt.quant.quantizer import compute_scales, fake_quantize, mse_clip_search
 from qvggt.quant.quarot import _check_rotation_cap, mark_online_rotations, rotate_planned_inputs_
+from qvggt.quant.recorder import InputRecorder
 from qvggt.quant.rtn import quantize_module
 
 __all__ = ["GPTQConfig", "GPTQHandler", "HessianRecorder", "gptq_quantize"]
@@ -222,7 +222,7 @@ def gptq_quantize(
 # calibration statistics
 
 
-class HessianRecorder:
+class HessianRecorder(InputRecorder):
     """Running H = sum X^T X and token counts of Linears' inputs, via forward pre-hooks (float32, float64 for a
     float64 model); never stores activations. ``hessian(name)`` is the mean X^T X / T.
 
@@ -230,41 +230,23 @@ class HessianRecorder:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.sums: dict[str, Tensor] = {}
         self.tokens: dict[str, int] = {}
-        self._handles: list[RemovableHandle] = []
 
-    def attach(self, modules: Mapping[str, nn.Module]) -> Self:
-        for name, module in modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            if not isinstance(x, Tensor) or x.numel() == 0:
-                return
-            with torch.no_grad():
-                dtype = torch.promote_types(x.dtype, torch.float32)
-                x2 = x.detach().reshape(-1, x.shape[-1]).to(dtype)
-                acc = self.sums.get(name)
-                if acc is None:
-                    acc = self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=dtype, device=x2.device)
-                acc.addmm_(x2.T, x2)
-                self.tokens[name] = self.tokens.get(name, 0) + x2.shape[0]
-
-        return hook
+    def _record(self, name: str, x2d: Tensor) -> None:
+        x2 = x2d.to(torch.promote_types(x2d.dtype, torch.float32))
+        acc = self.sums.get(name)
+        if acc is None:
+            acc = self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=x2.dtype, device=x2.device)
+        acc.addmm_(x2.T, x2)
+        self.tokens[name] = self.tokens.get(name, 0) + x2.shape[0]
 
     def hessian(self, name: str) -> Tensor:
         """X^T X / T for layer ``name``; ValueError if it never ran."""
         if name not in self.sums:
             raise ValueError(f"no calibration statistics for {name}: did the layer run on the calibration data?")
         return self.sums[name] / self.tokens[name]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,11 +44,10 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from qvggt.model.layers import Block
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
@@ -66,6 +65,7 @@ from qvggt.quant.config import (
 from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
 from qvggt.quant.fold import smooth_into_layernorm_, smooth_into_qkv_v_
 from qvggt.quant.formats import QuantFormat, coerce_enum
+from qvggt.quant.recorder import InputRecorder
 from qvggt.quant.rtn import quantize_module
 
 __all__ = [
@@ -194,7 +194,7 @@ class SmoothQuantConfig(QuantConfig):
 # statistics
 
 
-class ChannelAbsMax:
+class ChannelAbsMax(InputRecorder):
     """Running per-input-channel absmax of Linears' inputs, via forward pre-hooks; never stores activations.
 
     ``absmax[name]`` is [K] (float32, or float64 for a float64 model) = max over every token of every batch seen of
@@ -208,39 +208,13 @@ class ChannelAbsMax:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.absmax: dict[str, Tensor] = {}
-        self._handles: list[RemovableHandle] = []
 
-    def attach(self, modules: Mapping[str, nn.Module]) -> Self:
-        """Start recording the inputs of ``modules`` (name -> module); returns self."""
-        for name, module in modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            if not isinstance(x, Tensor) or x.numel() == 0:
-                return
-            with torch.no_grad():
-                dtype = torch.promote_types(x.dtype, torch.float32)
-                m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).to(dtype)
-                old = self.absmax.get(name)
-                self.absmax[name] = m if old is None else torch.maximum(old, m.to(old.dtype))
-
-        return hook
-
-    def remove(self) -> None:
-        """Remove the hooks (idempotent); the statistics stay readable."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def _record(self, name: str, x2d: Tensor) -> None:
+        m = x2d.abs().amax(dim=0).to(torch.promote_types(x2d.dtype, torch.float32))
+        old = self.absmax.get(name)
+        self.absmax[name] = m if old is None else torch.maximum(old, m.to(old.dtype))
 
 
 def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
