@@ -44,8 +44,9 @@ class ChecksumMismatch(IOError):
     """A downloaded object's sha256 differs from the one recorded at upload (or the record is missing)."""
 
 
-class TransferError(OSError):
-    """An upload or download failed after all retries (an OSError, so flow tasks treat it as transient)."""
+class TransferError(ConnectionError):
+    """An upload or download failed after all retries. A ConnectionError (so an OSError), which the flow tasks'
+    retry condition (``tasks/common.py:is_transient``) treats as transient: the task is retried later as a whole."""
 
 
 class StorageConfigError(ValueError):

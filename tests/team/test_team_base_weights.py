@@ -99,3 +99,14 @@ def test_fetch_retries_transient_503(
         fetch(f"s3://{BUCKET}/base/retry/model.safetensors", tmp_path / "other")
     fault_proxy.fail_next(0)
     assert not (tmp_path / "other" / BUCKET / "base" / "retry" / "model.safetensors").exists()
+
+
+def test_flow_task_retries_transfer_errors_not_checksum_mismatches() -> None:
+    """The fetch step's retry condition: a failed transfer is tried again later; a corrupt object is not."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tasks.common import is_transient
+
+    assert is_transient(TransferError("download failed after 8 attempts"))
+    assert not is_transient(ChecksumMismatch("downloaded sha256 differs"))
