@@ -13,6 +13,7 @@ weights cache (verified against the sha256 recorded at push): the keys hash thos
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import boto3
 import pytest
 import torch
 import yaml
-from conftest import BUCKET, Server
+from conftest import BUCKET, TEST_ACCESS_KEY, TEST_SECRET_KEY, Server
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.pipeline.results import SharedCache
@@ -143,3 +144,37 @@ def test_second_machine_gets_cache_hits_from_the_bucket(
     assert run.data.tags["base_sha256"] == sha
     (version,) = client.search_model_versions("name = 'qvggt-shared-tiny'")  # named after the object's folder
     assert version.tags["base_sha256"] == sha  # what the watcher compares with the object's recorded sha256
+
+
+def test_deployment_pull_step_saves_the_block(prefect_server: Server, s3_endpoint: str, team_root: Path) -> None:
+    """prefect.yaml's pull step (`python -m qvggt.pipeline.results save-block`) saves the S3Bucket block that the
+    flow's result_storage names, on the server in PREFECT_API_URL, with bucket, folder and endpoint but no key;
+    without QVGGT_RESULT_STORAGE it does nothing."""
+    import httpx
+
+    steps = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    scripts = [s["prefect.deployments.steps.run_shell_script"]["script"] for s in steps if len(s) == 1 and
+               "prefect.deployments.steps.run_shell_script" in s]  # fmt: skip
+    assert scripts == ["python -m qvggt.pipeline.results save-block"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server.url, "PREFECT_HOME": str(team_root / "pull-step-home"),
+           "AWS_ENDPOINT_URL_S3": s3_endpoint, "QVGGT_RESULT_STORAGE": f"s3://{BUCKET}/pull-step"}  # fmt: skip
+    cmd = [sys.executable, "-m", "qvggt.pipeline.results", "save-block"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cache = SharedCache.from_env(env)
+    assert cache is not None and cache.block_ref in done.stdout
+    with httpx.Client(base_url=prefect_server.url, timeout=30) as api:
+        found = (
+            api.post(
+                "/block_documents/filter",
+                json={"block_documents": {"name": {"any_": [cache.block_name]}}, "include_secrets": True},
+            )
+            .raise_for_status()
+            .json()
+        )
+    (doc,) = found
+    assert (doc["data"]["bucket_name"], doc["data"]["bucket_folder"]) == (BUCKET, "pull-step/results")
+    assert TEST_ACCESS_KEY not in json.dumps(found) and TEST_SECRET_KEY not in json.dumps(found)
+    unset = {k: v for k, v in env.items() if k != "QVGGT_RESULT_STORAGE"}
+    done = subprocess.run(cmd, env=unset, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "not set" in done.stdout
