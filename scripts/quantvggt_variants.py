@@ -4,8 +4,8 @@ table (scripts/method_table.py) and each quantization's wall time.
 
 Usage: python scripts/quantvggt_variants.py [BASE] [OUT] [SET]
     (defaults: models/small/model.safetensors runs/variants options)
-    SET options: quantvggt's options and QuaRot + GPTQ; SET recon: quantvggt with / without block-wise
-    reconstruction, and quarot.
+    SET options: quantvggt's options and QuaRot + GPTQ; SET recon: quantvggt (and quantvggt + GPTQ) with /
+    without block-wise reconstruction, with the special-token-weighted loss (tokw1), and quarot.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
     "recon": {
         "quantvggt": ("quantvggt", {}),
         "quantvggt-norecon": ("quantvggt", {"reconstruct": False}),
+        "quantvggt+tokw1": ("quantvggt", {"recon_special_weight": 1.0}),
+        "quantvggt+gptq": ("quantvggt", {"gptq": True}),
+        "quantvggt+gptq-norecon": ("quantvggt", {"gptq": True, "reconstruct": False}),
         "quarot": ("quarot", {}),
     },
 }

@@ -15,10 +15,11 @@ import torch
 from qvggt.model import load_vggt
 from qvggt.model.layers import Block
 from qvggt.quant.api import _feed, quantize_
+from qvggt.quant.command import make_config, reconstruction_options
 from qvggt.quant.config import config_from_dict, weight_activation_formats
 from qvggt.quant.dsfq import QuantVGGTConfig, QuantVGGTHandler
 from qvggt.quant.hadamard import block_hadamard_transform
-from qvggt.quant.reconstruct import BlockInputRecorder, chain_blocks
+from qvggt.quant.reconstruct import BlockInputRecorder, _Objective, chain_blocks
 
 W4A4 = dict(zip(("weight", "activation"), weight_activation_formats(4, 4), strict=True))
 
@@ -81,10 +82,15 @@ def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGT
     return m, scales, clip
 
 
-def test_learned_transform_is_an_exact_identity_before_quantization(planted) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"norm_input_rotation": True}, {"layer_overrides": {"aggregator.frame_blocks.1.attn.qkv": None}}],
+    ids=["default", "lnrot", "float-qkv"],
+)
+def test_learned_transform_is_an_exact_identity_before_quantization(planted, extra: dict[str, Any]) -> None:
     model, calib, held_out = planted
-    m, scales, clip = _folded(model, calib, _config())
-    _, initial, no_clip = _folded(model, calib, _config(reconstruct=False))
+    m, scales, clip = _folded(model, calib, _config(**extra))
+    _, initial, no_clip = _folded(model, calib, _config(reconstruct=False, **extra))
     assert clip and not no_clip and scales.keys() == initial.keys()
     # The learned factors moved away from SmoothQuant's (measured: up to 6%, log 0.059); the fold stays exact
     # (measured: relative change <= 5e-7).
@@ -164,3 +170,25 @@ def test_settings_round_trip_through_the_config_dict() -> None:
     back = config_from_dict(config.to_dict())
     assert back == config and back.recon_time_budget_s is None and back.recon_epochs == 3
     assert QuantVGGTConfig().reconstruct  # on by default
+
+
+def test_special_token_objective_weighs_camera_and_register_tokens() -> None:
+    gen = torch.Generator().manual_seed(0)
+    out, target = torch.randn(2, 12, 4, generator=gen), torch.randn(2, 12, 4, generator=gen)
+    objective = _Objective.for_tokens(12, per_frame=6, special=2, weight=3.0, device=out.device)
+    d = (out - target).square().mean(-1)  # [2, 12]: tokens 0, 1, 6, 7 are special (two frames of six)
+    special = d[:, [0, 1, 6, 7]].mean()
+    patch = d[:, [2, 3, 4, 5, 8, 9, 10, 11]].mean()
+    assert torch.allclose(objective(out, target), patch + 3.0 * special)
+    plain = _Objective.for_tokens(12, per_frame=6, special=2, weight=None, device=out.device)
+    assert torch.allclose(plain(out, target), (out - target).square().mean())
+
+
+def test_cli_flags_become_quantvggt_options_only() -> None:
+    options = reconstruction_options(False, 3, 0.0)
+    assert options == {"reconstruct": False, "recon_epochs": 3, "recon_time_budget_s": None}
+    assert reconstruction_options(None, None, None) == {}
+    config = make_config("quantvggt", 4, 4, None, "default", False, options)
+    assert isinstance(config, QuantVGGTConfig) and not config.reconstruct and config.recon_time_budget_s is None
+    with pytest.raises(ValueError, match="has no option"):
+        make_config("rtn", 4, 4, None, "default", False, options)
