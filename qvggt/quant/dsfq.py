@@ -65,6 +65,7 @@ from qvggt.quant.quarot import rotation_block_for
 from qvggt.quant.reconstruct import (
     BlockInputRecorder,
     ReconSettings,
+    ReconstructionResult,
     chain_blocks,
     fold_order,
     reconstruct_blocks,
@@ -227,6 +228,7 @@ class _DSFQState:
     online: dict[str, int]  # layer name -> block of its online input Hadamard
     hessians: HessianRecorder | None = None
     blocks: BlockInputRecorder | None = None  # reconstruction's calibration inputs
+    recon: ReconstructionResult | None = None  # its report, once run
 
 
 @register_quantize_handler(QuantVGGTConfig)
@@ -335,7 +337,7 @@ class QuantVGGTHandler(QuantizeHandler):
                 model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
                 config.recon_settings(), special_tokens=special,
             )  # fmt: skip
-            state.blocks = None  # frees the cached inputs
+            state.blocks, state.recon = None, result  # frees the cached inputs
             for target, s in fold_order(result.scales, smooth.targets):
                 target.fold_(s)
             scales, clip = dict(result.scales), result.clip

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import Any
 
 import pytest
@@ -60,14 +59,14 @@ def test_reconstruction_lowers_the_block_output_error(planted) -> None:
         q = quantize_(copy.deepcopy(model), _config(reconstruct=recon), calibration_data=calib)
         calib_err = sum(_rel(_last_tokens(q, x), _last_tokens(model, x)) for x in calib) / len(calib)
         err[recon] = (calib_err, _rel(_last_tokens(q, held_out), _last_tokens(model, held_out)))
-    # Measured (4 epochs, seeds 0-2): calibration 0.87-0.89x, held-out 0.86-0.87x the error without it.
+    # Measured (4 epochs, seeds 0-2): calibration 0.86-0.89x, held-out 0.86-0.89x the error without it.
     assert err[True][0] < 0.93 * err[False][0], err
     assert err[True][1] < 0.93 * err[False][1], err
 
 
 def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGTConfig) -> tuple[Any, ...]:
     """The float model after DSFQ's rotations and the (learned) smoothing folds, just before quantization, with
-    its online rotations as hooks; and the folded scales, the learned clipping ratios."""
+    its online rotations as hooks; the handler's state; (the folded scales, the learned clipping ratios)."""
     m = copy.deepcopy(model)
     handler = QuantVGGTHandler()
     state = handler.prepare(m, config)
@@ -79,7 +78,7 @@ def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGT
     modules = dict(m.named_modules())
     for layer, b in state.online.items():  # the online rotation the quantized layer applies
         modules[layer].register_forward_pre_hook(lambda mod, args, b=b: (block_hadamard_transform(args[0], b),))
-    return m, scales, clip
+    return m, state, (scales, clip)
 
 
 @pytest.mark.parametrize(
@@ -89,11 +88,11 @@ def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGT
 )
 def test_learned_transform_is_an_exact_identity_before_quantization(planted, extra: dict[str, Any]) -> None:
     model, calib, held_out = planted
-    m, scales, clip = _folded(model, calib, _config(**extra))
-    _, initial, no_clip = _folded(model, calib, _config(reconstruct=False, **extra))
+    m, _, (scales, clip) = _folded(model, calib, _config(**extra))
+    _, _, (initial, no_clip) = _folded(model, calib, _config(reconstruct=False, **extra))
     assert clip and not no_clip and scales.keys() == initial.keys()
-    # The learned factors moved away from SmoothQuant's (measured: up to 6%, log 0.059); the fold stays exact
-    # (measured: relative change <= 5e-7).
+    # The learned factors moved away from SmoothQuant's (measured: up to 3%, log 0.032); the fold stays exact
+    # (measured: relative change <= 4.1e-7).
     moved = max(float((scales[n] / initial[n]).log().abs().max()) for n in scales)
     assert moved > 0.01, moved
     with torch.no_grad():
@@ -117,11 +116,10 @@ def test_time_budget_is_respected(planted) -> None:
     model, calib, _ = planted
     budget = 1.5
     config = _config(recon_epochs=10_000, recon_time_budget_s=budget)
-    t = time.perf_counter()
-    quantize_(copy.deepcopy(model), config, calibration_data=calib)
-    elapsed = time.perf_counter() - t
-    # The whole quantize_ (calibration pass and conversion included) stays near the reconstruction's budget.
-    assert elapsed < budget + 3.0, elapsed
+    _, state, _ = _folded(model, calib, config)
+    report = state.recon
+    assert report is not None and report.seconds <= budget + 0.3, report.seconds
+    assert sum(b.steps for b in report.blocks) < 10_000 * len(calib)  # stopped by the clock, not the epochs
 
 
 def test_memory_bound_leaves_batches_out_with_a_warning(planted) -> None:
