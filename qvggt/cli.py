@@ -304,6 +304,7 @@ def stress_model(
     distill_weight: Annotated[
         float, typer.Option(help="Weight of the L1 distance to the base model's outputs (0: ground truth only).")
     ] = 1.0,
+    camera_head_lr: Annotated[float, typer.Option(help="Camera head's learning rate, in multiples of --lr.")] = 1.0,
     scenes: Annotated[int, typer.Option(help="Training scenes (the first N training seeds).")] = 2000,
     cache_dir: Annotated[
         Path, typer.Option(help="Training-scene cache root (shared with `qvggt train`: reused when present).")
@@ -331,7 +332,16 @@ def stress_model(
         cache = build_cache(cache_dir, seeds, cats, 4, w)
         teacher = load_vggt(checkpoint) if distill_weight > 0 else None
         plant_massive_activations_(model, magnitude=magnitude, seed=seed)
-        losses = finetune_(model, cache, steps=steps, lr=lr, seed=seed, teacher=teacher, distill_weight=distill_weight)
+        losses = finetune_(
+            model,
+            cache,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            camera_head_lr_scale=camera_head_lr,
+        )
         save_checkpoint(model, out, dtype=torch.float16)
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -15,20 +15,20 @@ import statistics
 import sys
 from pathlib import Path
 
-# (column title, metrics key, format)
+# (column title, metrics key, format of values and means, format of standard deviations)
 COLUMNS = (
-    ("pose AUC@30", "pose_auc@30", "{:.2f}"),
-    ("depth AbsRel", "depth_abs_rel", "{:.4f}"),
-    ("fid pose AUC@30", "fid_pose_auc@30", "{:.1f}"),
-    ("rel L2 pose enc", "fid_rel_l2_pose_enc", "{:.4f}"),
-    ("rel L2 depth", "fid_rel_l2_depth", "{:.4f}"),
+    ("pose AUC@30", "pose_auc@30", "{:.2f}", "{:.2f}"),
+    ("depth AbsRel", "depth_abs_rel", "{:.5f}", "{:.1e}"),
+    ("fid pose AUC@30", "fid_pose_auc@30", "{:.1f}", "{:.1f}"),
+    ("rel L2 pose enc", "fid_rel_l2_pose_enc", "{:.2e}", "{:.1e}"),
+    ("rel L2 depth", "fid_rel_l2_depth", "{:.2e}", "{:.1e}"),
 )
 NAME = re.compile(r"(?P<mode>[a-z]+)-s(?P<seed>\d+)/model")
 
 
-def _mean_std(values: list[float], fmt: str) -> str:
+def _mean_std(values: list[float], fmt: str, std_fmt: str) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(std)}"
+    return f"{fmt.format(statistics.fmean(values))} ± {std_fmt.format(std)}"
 
 
 def summary_rows(doc: dict) -> tuple[str, dict, dict[str, list[tuple[int, dict]]]]:
@@ -50,16 +50,16 @@ def main(paths: list[str]) -> None:
     docs = [summary_rows(json.loads(Path(p).read_text())) for p in paths]
     print(f"W4A4 quantvggt; mean ± standard deviation over seeds\n\n{header}\n{rule}")
     for base, fp, by_mode in docs:
-        fp_cells = [COLUMNS[0][2].format(fp[COLUMNS[0][1]]), COLUMNS[1][2].format(fp[COLUMNS[1][1]])]
+        fp_cells = [fmt.format(fp[key]) for _, key, fmt, _ in COLUMNS[:2]]
         print(f"| {base} | FP | - | {' | '.join(fp_cells)} | - | - | - |")
         for mode, rows in by_mode.items():
-            cells = [_mean_std([m[key] for _, m in rows], fmt) for _, key, fmt in COLUMNS]
+            cells = [_mean_std([m[key] for _, m in rows], fmt, std_fmt) for _, key, fmt, std_fmt in COLUMNS]
             print(f"| {base} | {mode} | {len(rows)} | {' | '.join(cells)} |")
     print(f"\nPer seed\n\n{header}\n{rule}")
     for base, _, by_mode in docs:
         for mode, rows in by_mode.items():
             for seed, m in rows:
-                cells = [fmt.format(m[key]) for _, key, fmt in COLUMNS]
+                cells = [fmt.format(m[key]) for _, key, fmt, _ in COLUMNS]
                 print(f"| {base} | {mode} | {seed} | {' | '.join(cells)} |")
 
 

@@ -81,6 +81,7 @@ def finetune_(
     min_lr_ratio: float = 0.05,
     teacher: VGGT | None = None,
     distill_weight: float = 1.0,
+    camera_head_lr_scale: float = 1.0,
     progress: bool = True,
 ) -> list[float]:
     """Fine-tune ``model`` in place on a training-scene cache (``qvggt.train.data.build_cache``) with the special
@@ -89,7 +90,9 @@ def finetune_(
     The objective is VGGT's loss against ground truth plus, with a ``teacher`` (the model before planting),
     ``distill_weight`` times ``distill_loss`` to the teacher's outputs: the goal is the base model's accuracy, and
     its outputs are a denser, less noisy target than the ground truth of two scenes. The learning rate warms up,
-    then decays on a cosine, so the last steps settle instead of hopping at the peak rate.
+    then decays on a cosine, so the last steps settle instead of hopping at the peak rate. The camera head learns
+    at ``camera_head_lr_scale`` times ``lr``: it reads the camera token itself, whose planted channels dominate its
+    LayerNorm, so it has the most to relearn (the dense heads read patch tokens only).
     """
     from qvggt.train.data import SceneCache
     from qvggt.train.losses import vggt_loss
@@ -97,10 +100,15 @@ def finetune_(
 
     cache = SceneCache(cache_dir)
     frozen = {"aggregator.camera_token", "aggregator.register_token"}
-    params = [p for n, p in model.named_parameters() if n not in frozen]
+    named = [(n, p) for n, p in model.named_parameters() if n not in frozen]
+    params = [p for _, p in named]
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    groups = [
+        {"params": [p for n, p in named if not n.startswith("camera_head.")], "lr": lr},
+        {"params": [p for n, p in named if n.startswith("camera_head.")], "lr": lr * camera_head_lr_scale},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, steps, warmup_steps, min_lr_ratio))
     if teacher is not None:
         teacher.eval().requires_grad_(False)

@@ -59,6 +59,18 @@ def test_finetune_keeps_the_outliers_and_trains_the_rest(tmp_path: Path) -> None
     assert all(p.requires_grad for p in model.parameters())  # left trainable as it was
 
 
+def test_camera_head_learns_at_its_own_rate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = load_vggt(preset="tiny")
+    seeds, cats = training_scenes(DataConfig(), 2)
+    cache = build_cache(tmp_path, seeds, cats, 2, 56, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finetune_(model, cache, steps=1, batch_size=1, warmup_steps=1, camera_head_lr_scale=0.0, progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and not any(n.startswith("camera_head.") for n in changed)
+    assert "aggregator.frame_blocks.0.attn.qkv.weight" in changed
+
+
 def test_lr_warms_up_then_decays_on_a_cosine_to_the_floor() -> None:
     f = [cosine_lr_factor(s, steps=100, warmup_steps=10, min_lr_ratio=0.05) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
