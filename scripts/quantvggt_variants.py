@@ -32,8 +32,8 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
         "quantvggt": ("quantvggt", {}),
         "quantvggt-norecon": ("quantvggt", {"reconstruct": False}),
         "quantvggt+tokw1": ("quantvggt", {"recon_special_weight": 1.0}),
-        "quantvggt+gptq": ("quantvggt", {"gptq": True}),
-        "quantvggt+gptq-norecon": ("quantvggt", {"gptq": True, "reconstruct": False}),
+        "quantvggt+gptq": ("quantvggt", {"gptq": True}),  # reconstruction off by default with GPTQ
+        "quantvggt+gptq+recon": ("quantvggt", {"gptq": True, "reconstruct": True}),
         "quarot": ("quarot", {}),
     },
 }

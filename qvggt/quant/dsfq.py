@@ -31,14 +31,15 @@ Options beyond the engine's default path (both off by default):
                           inputs: the hooks record X^T X of the rotated input, and smoothing x -> x / s turns it
                           into H / (s s^T) exactly, so no second calibration pass is needed.
 
-Block-wise reconstruction (``reconstruct``, on by default; ``qvggt.quant.reconstruct``): as the published code
-(OmniQuant's learnable equivalent transformation and weight clipping, 15 epochs of AdamW per block there), each
-aggregator block learns its smoothing factors (log-parameterised, initialised from the statistics above) and a
-clipping ratio per weight scale group (sigmoid) with straight-through rounding, minimising the MSE between the
-quantized block's output and the float block's, within ``recon_time_budget_s`` and ``recon_max_memory_mb``. The
-learned s are folded exactly where the statistics' s would be (LayerNorm affine, V rows), the ratios are baked into
-the weight scales, and the RTN / GPTQ conversion and the checkpoint format are unchanged. The online rotations
-stay as above (fc2's input Hadamard, and qkv/fc1's with ``norm_input_rotation``, which then learn clipping only).
+Block-wise reconstruction (``reconstruct``, on by default with RTN weights; ``qvggt.quant.reconstruct``): as the
+published code (OmniQuant's learnable equivalent transformation and weight clipping, 15 epochs of AdamW per block
+there), each aggregator block learns its smoothing factors (log-parameterised, initialised from the statistics
+above) and a clipping ratio per weight scale group (sigmoid) with straight-through rounding, minimising the MSE
+between the quantized block's output and the float block's, within ``recon_time_budget_s`` and
+``recon_max_memory_mb``. The learned s are folded exactly where the statistics' s would be (LayerNorm affine, V
+rows), the ratios are baked into the weight scales, and the RTN / GPTQ conversion and the checkpoint format are
+unchanged. The online rotations stay as above (fc2's input Hadamard, and qkv/fc1's with ``norm_input_rotation``,
+which then learn clipping only). Measured effect: docs/QUANTIZATION.md ("Block-wise reconstruction").
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ class QuantVGGTConfig(SmoothQuantConfig):
             they multiply the largest activations (an activation-aware search would be needed).
         norm_input_rotation: online full-width Hadamard on qkv's and fc1's inputs too (module docstring).
         gptq: GPTQ weights instead of RTN (module docstring); ``gptq_damp`` its relative damping.
-        reconstruct: block-wise reconstruction of smoothing and clipping (``qvggt.quant.reconstruct``). With
-            ``gptq``, the learned clipping applies to GPTQ's static scales (per channel / tensor; group scales
-            that GPTQ updates as it goes keep its own).
+        reconstruct: block-wise reconstruction of smoothing and clipping (``qvggt.quant.reconstruct``); None (the
+            default) = on with RTN weights, off with ``gptq``: the parameters are learned against RTN rounding,
+            and handed to GPTQ they made it worse (measured, tiny planted model W4A4: pose error 0.068 -> 0.093,
+            0.089 with the learned smoothing alone; stress model W4A8: 4.9e-4 -> 7.1e-4). ``True`` with ``gptq``
+            still runs it (the learned clipping then sets GPTQ's static scales, per channel / tensor).
         recon_epochs: passes over the calibration batches per block (the budget may stop earlier).
         recon_lr: AdamW learning rate of the log-smoothing factors and the clipping logits.
         recon_batch: calibration batches per optimizer step.
@@ -118,7 +121,7 @@ class QuantVGGTConfig(SmoothQuantConfig):
     norm_input_rotation: bool = False
     gptq: bool = False
     gptq_damp: float = 0.01
-    reconstruct: bool = True
+    reconstruct: bool | None = None
     recon_epochs: int = 5
     recon_lr: float = 5e-3
     recon_batch: int = 1
@@ -145,7 +148,9 @@ class QuantVGGTConfig(SmoothQuantConfig):
             raise ValueError(f"QuantVGGTConfig.head_rotation must be a bool, got {self.head_rotation!r}")  # noqa: TRY004
 
     def _check_recon(self) -> None:
-        for flag in ("reconstruct", "recon_quant_inputs"):
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise ValueError(f"QuantVGGTConfig.reconstruct must be a bool or None, got {self.reconstruct!r}")
+        for flag in ("recon_quant_inputs",):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantVGGTConfig.{flag} must be a bool, got {getattr(self, flag)!r}")  # noqa: TRY004
         for name, low in (("recon_epochs", 1), ("recon_batch", 1), ("recon_seed", 0)):
@@ -170,6 +175,11 @@ class QuantVGGTConfig(SmoothQuantConfig):
                 }.get(name, "a positive finite float")
                 raise ValueError(f"QuantVGGTConfig.{name} must be {what}, got {v!r}")
             object.__setattr__(self, name, float(v))
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether block-wise reconstruction runs (``reconstruct``, or its default: with RTN weights only)."""
+        return not self.gptq if self.reconstruct is None else self.reconstruct
 
     def recon_settings(self) -> ReconSettings:
         """The reconstruction knobs of this config."""
@@ -276,7 +286,7 @@ class QuantVGGTHandler(QuantizeHandler):
                     {n: p.module for n, p in plans.items() if isinstance(p.module, nn.Linear)}
                 )
             blocks = None
-            chain = chain_blocks(model, plans) if config.reconstruct else {}
+            chain = chain_blocks(model, plans) if config.reconstructs else {}
             if chain:
                 blocks = BlockInputRecorder(chain, config.recon_max_memory_mb * 2**20).attach()
         except Exception:

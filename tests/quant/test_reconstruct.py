@@ -159,7 +159,7 @@ def test_memory_bound_leaves_batches_out_with_a_warning(planted) -> None:
     ],
 )
 def test_bad_settings_are_refused(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"QuantVGGTConfig.{field} must be"):
+    with pytest.raises(ValueError, match=f"QuantVGGTConfig.{field} must be"):  # naming the field
         QuantVGGTConfig(**{field: value})  # type: ignore[arg-type]
 
 
@@ -167,7 +167,8 @@ def test_settings_round_trip_through_the_config_dict() -> None:
     config = QuantVGGTConfig(recon_epochs=3, recon_lr=0.01, recon_time_budget_s=None, recon_seed=7)
     back = config_from_dict(config.to_dict())
     assert back == config and back.recon_time_budget_s is None and back.recon_epochs == 3
-    assert QuantVGGTConfig().reconstruct  # on by default
+    assert QuantVGGTConfig().reconstructs  # on by default with RTN weights, off with GPTQ unless asked
+    assert not QuantVGGTConfig(gptq=True).reconstructs and QuantVGGTConfig(gptq=True, reconstruct=True).reconstructs
 
 
 def test_special_token_objective_weighs_camera_and_register_tokens() -> None:
