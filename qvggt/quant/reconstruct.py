@@ -149,16 +149,15 @@ class ReconstructionResult:
 
 
 def chain_blocks(model: nn.Module, planned: Mapping[str, Any]) -> dict[str, Block]:
-    """The aggregator's frame/global Blocks that hold a planned Linear, in module order (the recorder checks the
-    execution order and that each one's input is the previous one's output)."""
+    """The aggregator's frame/global Blocks in module order if any of them holds a planned Linear, else none. All of
+    them, so that the chain stays unbroken where a block has nothing planned (it then just runs in float); the
+    recorder checks the execution order and that each one's input is the previous one's output."""
     out: dict[str, Block] = {}
     for name, module in model.named_modules():
         parts = name.split(".")
-        if not isinstance(module, Block) or len(parts) < 2 or parts[-2] not in ("frame_blocks", "global_blocks"):
-            continue
-        if any(f"{name}.{sub}" in planned for sub in _SUBS):
+        if isinstance(module, Block) and len(parts) >= 2 and parts[-2] in ("frame_blocks", "global_blocks"):
             out[name] = module
-    return out
+    return out if any(f"{n}.{sub}" in planned for n in out for sub in _SUBS) else {}
 
 
 class BlockInputRecorder:
@@ -416,9 +415,10 @@ def _train_block(
     )
     stop = deadline - 2.0 * t_pass  # the evaluation pass after training must fit too
     steps, step_time, n = 0, 0.0, len(q_in)
-    planned = settings.epochs * math.ceil(n / settings.batch)
+    epochs = settings.epochs if opt.params else 0  # a block with nothing planned only runs its passes
+    planned = epochs * math.ceil(n / settings.batch)
     with torch.enable_grad():
-        for _ in range(settings.epochs):
+        for _ in range(epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for i in range(0, n, settings.batch):
                 if time.perf_counter() + step_time > stop:

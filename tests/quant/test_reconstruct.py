@@ -83,8 +83,13 @@ def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGT
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"norm_input_rotation": True}, {"layer_overrides": {"aggregator.frame_blocks.1.attn.qkv": None}}],
-    ids=["default", "lnrot", "float-qkv"],
+    [
+        {},
+        {"norm_input_rotation": True},
+        {"layer_overrides": {"aggregator.frame_blocks.1.attn.qkv": None}},
+        {"layer_overrides": {"aggregator.global_blocks.1.*": None}},  # a float block inside the chain
+    ],
+    ids=["default", "lnrot", "float-qkv", "float-block"],
 )
 def test_learned_transform_is_an_exact_identity_before_quantization(planted, extra: dict[str, Any]) -> None:
     model, calib, held_out = planted
