@@ -134,7 +134,6 @@ def test_memory_bound_leaves_batches_out_with_a_warning(planted) -> None:
     chain = chain_blocks(m, plans)
     assert list(chain)[:2] == ["aggregator.frame_blocks.0", "aggregator.frame_blocks.1"]  # module order
     with torch.no_grad():
-        x = calib[0]
         rec = BlockInputRecorder(chain, max_bytes=1).attach()  # room for no batch: only the first is kept
         for batch in calib:
             m(batch)
@@ -142,7 +141,6 @@ def test_memory_bound_leaves_batches_out_with_a_warning(planted) -> None:
     rec.check()
     assert len(rec.inputs) == 1 and rec.dropped == len(calib) - 1
     assert rec.order[:3] == ["aggregator.frame_blocks.0", "aggregator.global_blocks.0", "aggregator.frame_blocks.1"]
-    del x
     with pytest.warns(UserWarning, match="reconstruction uses 1 of 3 calibration batches"):
         quantize_(copy.deepcopy(model), _config(recon_epochs=1, recon_max_memory_mb=1e-6), calibration_data=calib)
 
