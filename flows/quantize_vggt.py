@@ -27,7 +27,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect import flow
 from prefect.runtime import flow_run
 
-from qvggt.config import ProjectConfig, load_config
+from qvggt.config import ProjectConfig, job_name, load_config
 from qvggt.io import sha256_file
 from qvggt.pipeline.preflight import check_tracking_uri
 from qvggt.pipeline.results import SharedCache
@@ -127,7 +127,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     revision, dvc_rev = _git_revision(), _dvc_revision()
     runs = {}
     for job, ckpt in zip(jobs, checkpoints, strict=True):
-        name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+        name = job_name(job)
         rid = track(job, ckpt, metrics_path, bench, base_sha, cfg.mlflow_tracking_uri, run_id, revision, dvc_rev)
         runs[name] = {"checkpoint": ckpt, "mlflow_run_id": rid}
     registry = register(runs, metrics_path, bench, model_name, base_sha, cfg.mlflow_tracking_uri)

@@ -7,8 +7,9 @@ named. Later stages (calibration, quantization, evaluation, pipeline) add their 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -124,16 +125,35 @@ class TrainConfig(Section):
         return self
 
 
+def job_name(job: Mapping[str, Any]) -> str:
+    """A pipeline job's name (folder, MLflow run, model key in reports): its ``label`` or ``method-wWaA``."""
+    if job.get("label"):
+        return str(job["label"])
+    return f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+
+
 class QuantJob(Section):
-    """One quantized configuration the pipeline produces."""
+    """One quantized configuration the pipeline produces.
+
+    ``options`` are the method's extra config fields (e.g. ``{reconstruct: false}`` or ``{gptq: true}`` for
+    quantvggt), checked against the method on load; ``label`` names a job when two share method and bits."""
 
     method: str = "rtn"
     wbits: int = Field(8, ge=2, le=8)
     abits: int | None = Field(8, ge=2, le=8)
+    options: dict[str, Any] = {}
+    label: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+    @model_validator(mode="after")
+    def _method_accepts(self) -> QuantJob:
+        from qvggt.quant.command import make_config  # lazy: qvggt.quant imports this module
+
+        make_config(self.method, self.wbits, self.abits, None, "default", False, self.options)
+        return self
 
     @property
     def name(self) -> str:
-        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 16}"
+        return job_name(self.model_dump())
 
 
 class PipelineConfig(Section):

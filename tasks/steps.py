@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import task
 
+from qvggt.config import job_name
 from qvggt.pipeline.cache import step_key
 from tasks.common import maybe_inject_fault, retry_transient
 
@@ -60,10 +61,10 @@ def quantize(
     from qvggt.quant.command import run_quantize
 
     maybe_inject_fault("quantize")
-    name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+    name = job_name(job)
     result = run_quantize(
         job["method"], job["wbits"], job["abits"], Path(out_dir) / name, base_weights, calib_scenes=calib_scenes,
-        calib_manifest=calib_manifest, data=_data_config(data),
+        calib_manifest=calib_manifest, data=_data_config(data), options=job.get("options"),
     )  # fmt: skip
     return str(result.path)
 
@@ -143,7 +144,7 @@ def track(
     from qvggt.quant.export import read_manifest
 
     metrics_doc = json.loads(Path(metrics_path).read_text())
-    name = f"{job['method']}-w{job['wbits']}a{job['abits'] if job['abits'] is not None else 16}"
+    name = job_name(job)
     model_key = next(k for k in metrics_doc["aggregate"] if k.startswith(name + "/"))
     metrics = {k: v for k, v in metrics_doc["aggregate"][model_key].items() if isinstance(v, (int, float))}
     for k, entry in metrics_doc.get("comparison", {}).get(model_key, {}).items():

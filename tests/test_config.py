@@ -29,6 +29,13 @@ def test_repository_params_yaml_is_valid() -> None:
         ("predict:\n  dtype: float8\n", "predict.dtype"),
         ("unknown_section: {}\n", "unknown_section"),
         ("predict:\n  conf_percentile: 120\n", "predict.conf_percentile"),
+        ("pipeline:\n  jobs: [{method: rtn, wbits: 4, abits: 4, options: {reconstruct: false}}]\n", "no option"),
+        ("pipeline:\n  jobs: [{method: quantvggt, wbits: 4, abits: 4, options: {recon_epochs: 0}}]\n", "recon_epochs"),
+        ("pipeline:\n  jobs: [{method: quantvggt, wbits: 4, abits: 4, label: 'Bad Name'}]\n", "label"),
+        (
+            "pipeline:\n  jobs: [{method: rtn, wbits: 4, abits: 4}, {method: rtn, wbits: 4, abits: 4, options: {}}]\n",
+            "distinct",
+        ),
     ],
 )
 def test_bad_params_fail_with_key_named(tmp_path: Path, text: str, message: str) -> None:
@@ -41,3 +48,11 @@ def test_bad_params_fail_with_key_named(tmp_path: Path, text: str, message: str)
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_job_options_and_label_name_the_job() -> None:
+    from qvggt.config import QuantJob, job_name
+
+    job = QuantJob(method="quantvggt", wbits=4, abits=4, options={"reconstruct": False}, label="qv-w4a4-norecon")
+    assert job.name == "qv-w4a4-norecon" == job_name(job.model_dump())
+    assert QuantJob(method="rtn", wbits=4, abits=None).name == "rtn-w4a16"
