@@ -112,22 +112,32 @@ def finetune_(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, steps, warmup_steps, min_lr_ratio))
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    # The camera head's refinement passes each add a delta to the raw encoding; their sum is what its ReLU turns
+    # into the field of view, which passes no gradient where planting pushed it below zero.
+    deltas: list[torch.Tensor] = []
+    hook = model.camera_head.pose_branch.register_forward_hook(lambda _m, _i, out: deltas.append(out))
     model.train()
     losses = []
-    for step in tqdm(range(steps), desc="stress fine-tune", disable=not progress, unit="step"):
-        batch = cache.batch(batch_indices(step, batch_size, len(cache), seed))
-        preds = model(batch["images"])
-        loss = vggt_loss(preds, batch)["objective"]
-        if teacher is not None and distill_weight > 0:
-            with torch.no_grad():
-                target = teacher(batch["images"])
-            loss = loss + distill_weight * distill_loss(preds, target, batch["valid_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    try:
+        for step in tqdm(range(steps), desc="stress fine-tune", disable=not progress, unit="step"):
+            batch = cache.batch(batch_indices(step, batch_size, len(cache), seed))
+            deltas.clear()
+            preds = model(batch["images"])
+            loss = vggt_loss(preds, batch)["objective"]
+            if teacher is not None and distill_weight > 0:
+                with torch.no_grad():
+                    target = teacher(batch["images"])
+                loss = loss + distill_weight * distill_loss(preds, target, batch["valid_mask"])
+                raw_fov = torch.stack(deltas).sum(0)[..., 7:]
+                loss = loss + distill_weight * (raw_fov - target["pose_enc"][..., 7:]).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    finally:
+        hook.remove()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -131,3 +131,35 @@ def test_distillation_pulls_the_stressed_model_toward_the_teacher(tmp_path: Path
     # Ground truth alone barely closes the gap the outliers opened; the teacher's outputs close much more of it.
     assert planted - gap(stressed(20.0)) > 2 * (planted - gap(stressed(0.0))) > 0
     assert not any(p.requires_grad for p in teacher.parameters())  # the teacher is only read
+
+
+def test_distillation_reaches_a_field_of_view_below_the_relu(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = load_vggt(preset="tiny").eval()
+    seeds, cats = training_scenes(DataConfig(), 2)
+    cache = build_cache(tmp_path, seeds, cats, 2, 56, progress=False)
+
+    def fov_bias_after_one_step(distill_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        model = load_vggt(preset="tiny")
+        model.load_state_dict(teacher.state_dict())
+        bias = model.camera_head.pose_branch.fc2.bias
+        with torch.no_grad():
+            bias[7:] -= 1.0  # every pass: the raw field of view ends far below zero, where the ReLU passes nothing
+            assert float(model(SceneCache(cache).batch([0])["images"])["pose_enc"][..., 7:].abs().max()) == 0.0
+            before = bias[7:].clone()
+        finetune_(
+            model,
+            cache,
+            steps=1,
+            batch_size=1,
+            warmup_steps=1,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            progress=False,
+        )
+        return before, bias[7:].detach()
+
+    before, after = fov_bias_after_one_step(0.0)
+    assert torch.equal(before, after)  # ground truth alone cannot move it
+    before, after = fov_bias_after_one_step(1.0)
+    assert bool((after > before).all())  # the raw-FoV distillation pulls it up toward the teacher's
