@@ -160,11 +160,14 @@ class PipelineConfig(Section):
     """The quantize -> evaluate -> benchmark -> track flow (``flows/quantize_vggt.py``)."""
 
     base_weights: str = "models/small/model.safetensors"
-    jobs: list[QuantJob] = [
-        QuantJob(method="quantvggt", wbits=8, abits=8),
-        QuantJob(method="quantvggt", wbits=4, abits=4),
-        QuantJob(method="rtn", wbits=4, abits=4),
-    ]
+    # Factories, not instances: a QuantJob checks its options against qvggt.quant, which imports this module.
+    jobs: list[QuantJob] = Field(
+        default_factory=lambda: [
+            QuantJob(method="quantvggt", wbits=8, abits=8),
+            QuantJob(method="quantvggt", wbits=4, abits=4),
+            QuantJob(method="rtn", wbits=4, abits=4),
+        ]
+    )
     calib_scenes: int = Field(8, gt=0)
     eval_scenes: int = Field(8, gt=0)
     eval_frames: int = Field(4, ge=2)
@@ -209,7 +212,7 @@ class ProjectConfig(Section):
     predict: PredictConfig = PredictConfig()
     train: TrainConfig = TrainConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
-    pipeline: PipelineConfig = PipelineConfig()
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
 class ConfigError(ValueError):
