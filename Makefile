@@ -24,7 +24,7 @@ demo: setup
 	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 $(BIN)/python flows/quantize_vggt.py
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # one worker per core of the CI machine (pytest-xdist)
 
 lint: setup
 	$(BIN)/ruff check qvggt tests

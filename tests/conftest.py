@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on CPU, single-process; torch threads follow the machine (2 cores in CI)."""
+"""Shared fixtures. Tests run on CPU, in two pytest-xdist workers under `make test` (each test is self-contained)."""
 
 from __future__ import annotations
 
