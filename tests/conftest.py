@@ -51,3 +51,18 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error ||a - b|| / ||b||."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_with_mlp_outlier() -> torch.nn.Module:
+    """The tiny preset (seed 0) whose every aggregator MLP produces one massive hidden channel (fc1 bias +30): fc2's
+    inputs carry the channel outlier that per-token activation scales handle worst and no fold before GELU smooths."""
+    from qvggt.model import load_vggt
+    from qvggt.model.layers import Block
+
+    torch.manual_seed(0)
+    model = load_vggt(preset="tiny").eval()
+    with torch.no_grad():
+        for blk in model.aggregator.modules():
+            if isinstance(blk, Block):
+                blk.mlp.fc1.bias[5] += 30.0
+    return model

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_with_mlp_outlier
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.model.layers import Block
@@ -48,12 +49,7 @@ def test_bad_rotation_block_is_refused(block: object) -> None:
 def outlier_model() -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
     """Tiny VGGT whose MLPs all produce one massive hidden channel (fc1 bias +30): fc2's inputs carry the kind of
     channel outlier that defeats per-token scales, and that no fold before GELU can smooth."""
-    torch.manual_seed(0)
-    model = load_vggt(preset="tiny").eval()
-    with torch.no_grad():
-        for blk in model.aggregator.modules():
-            if isinstance(blk, Block):
-                blk.mlp.fc1.bias[5] += 30.0
+    model = tiny_with_mlp_outlier()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.rand(1, 2, 3, 56, 84, generator=gen) for _ in range(2)]
     return model, calib, torch.rand(1, 2, 3, 56, 84, generator=gen)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_with_mlp_outlier
 
 from qvggt.model import load_vggt, save_checkpoint
-from qvggt.model.layers import Block
 from qvggt.quant.api import quantize_
 from qvggt.quant.command import make_config, run_quantize
 from qvggt.quant.export import load_quantized, read_manifest
@@ -24,12 +24,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def outlier_model() -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
     """Tiny VGGT whose MLPs produce one massive hidden channel (fc1 bias +30), 1 calibration and 1 test batch."""
-    torch.manual_seed(0)
-    model = load_vggt(preset="tiny").eval()
-    with torch.no_grad():
-        for blk in model.aggregator.modules():
-            if isinstance(blk, Block):
-                blk.mlp.fc1.bias[5] += 30.0
+    model = tiny_with_mlp_outlier()
     calib = [torch.rand(1, 2, 3, 56, 84, generator=torch.Generator().manual_seed(7))]
     return model, calib, torch.rand(1, 2, 3, 56, 84, generator=torch.Generator().manual_seed(2))
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_with_mlp_outlier
 
 from qvggt.model import load_vggt, save_checkpoint
-from qvggt.model.layers import Block
 from qvggt.quant.api import quantize_
 from qvggt.quant.command import make_config, run_quantize
 from qvggt.quant.config import INT8_PER_CHANNEL, Coverage
@@ -53,12 +53,7 @@ def test_rotations_leave_the_whole_model_unchanged_in_float64() -> None:
 def outlier_model() -> tuple[torch.nn.Module, torch.Tensor]:
     """Tiny VGGT whose MLPs produce one massive hidden channel (fc1 bias +30): fc2's inputs carry a channel outlier
     that per-token activation scales handle worst."""
-    torch.manual_seed(0)
-    model = load_vggt(preset="tiny").eval()
-    with torch.no_grad():
-        for blk in model.aggregator.modules():
-            if isinstance(blk, Block):
-                blk.mlp.fc1.bias[5] += 30.0
+    model = tiny_with_mlp_outlier()
     return model, torch.rand(1, 2, 3, 56, 84, generator=torch.Generator().manual_seed(2))
 
 

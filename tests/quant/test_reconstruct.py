@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_with_mlp_outlier
 
-from qvggt.model import load_vggt
 from qvggt.model.layers import Block
 from qvggt.quant.api import _feed, quantize_
 from qvggt.quant.command import make_config, reconstruction_options
@@ -32,12 +32,7 @@ def _config(**kw: object) -> QuantVGGTConfig:
 def planted() -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
     """Tiny VGGT with a massive fc1 hidden channel in every block (as tests/quant/test_dsfq.py): the activation
     outliers W4A4 handles worst. Three calibration batches, one held-out batch."""
-    torch.manual_seed(0)
-    model = load_vggt(preset="tiny").eval()
-    with torch.no_grad():
-        for blk in model.aggregator.modules():
-            if isinstance(blk, Block):
-                blk.mlp.fc1.bias[5] += 30.0
+    model = tiny_with_mlp_outlier()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.rand(1, 2, 3, 56, 84, generator=gen) for _ in range(3)]
     return model, calib, torch.rand(1, 2, 3, 56, 84, generator=gen)
