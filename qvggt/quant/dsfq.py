@@ -19,14 +19,22 @@ Then SmoothQuant's calibration (statistics of the *rotated* activations against 
 published code's numerator/denominator mismatch is avoided by construction) and RTN (min/max scales; see
 ``clip_search`` for why the min-MSE clipping search is off by default).
 
-Options beyond the engine's default path (both off by default):
+Special-token rows (``special_token_abits``, 8 by default; ``qvggt.quant.special_tokens``): in the aggregator blocks'
+Linears with fewer activation bits, the rows of the camera and register tokens (5 per frame) are quantized on an
+8-bit grid with their own per-token scales. They hold the massive channels and feed the camera head; a 4-bit grid
+on them costs most of the pose accuracy (measured: docs/QUANTIZATION.md), and no fold can fix it, because
+smoothing scales a channel for all tokens and a rotation only spreads it within the token. On the engine the rows
+cost nothing (int4-grid activations are int8 codes: only their qmax differs); on average the activations carry
+4 + 4 x 5/P bits (P tokens per frame: 4.23 at 126x126, 4.02 at 518x392).
+
+Options (off by default):
 
     norm_input_rotation   the paper's rotation of *every* Linear input: qkv and fc1 also get an online Hadamard
                           (full width: the largest power of two dividing it) on their LayerNorm-output input,
                           recorded in ``QuantLinear.input_hadamard`` like fc2's. Their smoothing is then dropped:
                           a scale folded into LayerNorm acts *before* the rotation, so it cannot balance the rotated
                           channels (that would need an online per-channel multiply after the rotation). The engine
-                          refuses these checkpoints until its LayerNorm -> quantization kernel gains a rotation stage.
+                          runs it as the rotation stage of its fused LayerNorm -> quantization kernel.
     gptq                  GPTQ weights (``qvggt.quant.gptq``) instead of RTN, on Hessians of the rotated, smoothed
                           inputs: the hooks record X^T X of the rotated input, and smoothing x -> x / s turns it
                           into H / (s s^T) exactly, so no second calibration pass is needed.
@@ -74,6 +82,7 @@ from qvggt.quant.reconstruct import (
 )
 from qvggt.quant.rtn import quantize_module
 from qvggt.quant.smooth import SmoothLayer, SmoothQuantConfig, SmoothQuantHandler, apply_smoothing_
+from qvggt.quant.special_tokens import install_token_period_hook, special_format
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +120,12 @@ class QuantVGGTConfig(SmoothQuantConfig):
             float model's.
         recon_special_weight: None: the loss is the MSE over all tokens; a weight w >= 0: the patch tokens' MSE
             plus w times the camera/register tokens' (which the camera head reads: 5 of 86 tokens per frame).
+        special_token_abits: activation bits of the camera/register tokens' rows in the aggregator blocks' Linears
+            when the layer's activation format has fewer (``qvggt.quant.special_tokens``): those rows carry the
+            massive channels and feed the camera head; 8 bits on them is free on the engine (int4-grid activations
+            are stored as int8 codes). None: no special rows (the ablation).
+        smooth: fold the channel smoothing (``smooth_layers``); False is the "without smoothing" ablation
+            (rotations and fine-grained scales only; reconstruction then learns the weight clipping alone).
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
@@ -130,11 +145,16 @@ class QuantVGGTConfig(SmoothQuantConfig):
     recon_max_memory_mb: float = 4096.0
     recon_quant_inputs: bool = True
     recon_special_weight: float | None = None
+    special_token_abits: int | None = 8
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_recon()
-        for flag in ("norm_input_rotation", "gptq"):
+        b = self.special_token_abits
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8):
+            raise ValueError(f"QuantVGGTConfig.special_token_abits must be an int in 2..8 or None, got {b!r}")
+        for flag in ("norm_input_rotation", "gptq", "smooth"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"QuantVGGTConfig.{flag} must be a bool, got {getattr(self, flag)!r}")  # noqa: TRY004
         d = self.gptq_damp
@@ -199,6 +219,22 @@ def _blocks(model: nn.Module) -> dict[str, Block]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Block)}
 
 
+def special_rows_plan(model: nn.Module, plans: dict[str, Any], bits: int | None) -> dict[str, Any]:
+    """Planned Linears of the aggregator's frame/global blocks whose special-token rows get ``bits``-bit
+    activations: name -> the rows' format. Only where the layer's activations are int per token with fewer bits
+    (other heads' tokens are not laid out per frame; 8-bit or fp8 layers have nothing to gain)."""
+    if bits is None or getattr(getattr(model, "aggregator", None), "patch_start_idx", 0) <= 0:
+        return {}
+    out = {}
+    for name, plan in plans.items():
+        parts = name.split(".")
+        act = plan.activation
+        in_agg = "aggregator" in parts and ("frame_blocks" in parts or "global_blocks" in parts)
+        if in_agg and act is not None and not act.is_float and act.bits < bits:
+            out[name] = special_format(act, bits)
+    return out
+
+
 @torch.no_grad()
 def rotate_heads_(block: Block) -> None:
     """Fold a per-head orthonormal Hadamard into the V rows of ``attn.qkv`` and the input columns of ``attn.proj``.
@@ -239,6 +275,7 @@ class _DSFQState:
     hessians: HessianRecorder | None = None
     blocks: BlockInputRecorder | None = None  # reconstruction's calibration inputs
     recon: ReconstructionResult | None = None  # its report, once run
+    special: dict[str, Any] = dataclasses.field(default_factory=dict)  # layer -> special rows' format
 
 
 @register_quantize_handler(QuantVGGTConfig)
@@ -270,7 +307,7 @@ class QuantVGGTHandler(QuantizeHandler):
                         if sub in planned and b:
                             hooks.append(rotate_fc2_input_(linear, b))  # the same online identity as fc2's
                             online[f"{name}.{sub}"] = b
-            if config.norm_input_rotation:
+            if config.norm_input_rotation and config.smooth:
                 # A LayerNorm fold acts before the online rotation: it cannot balance rotated channels.
                 kept = tuple(k for k in config.smooth_layers if k is SmoothLayer.PROJ)
                 if not kept:
@@ -289,11 +326,12 @@ class QuantVGGTHandler(QuantizeHandler):
             chain = chain_blocks(model, plans) if config.reconstructs else {}
             if chain:
                 blocks = BlockInputRecorder(chain, config.recon_max_memory_mb * 2**20).attach()
+            special = special_rows_plan(model, plans, config.special_token_abits)
         except Exception:
             for h in hooks:
                 h.remove()
             raise
-        return _DSFQState(smooth, hooks, online, hessians, blocks)
+        return _DSFQState(smooth, hooks, online, hessians, blocks, special=special)
 
     def convert(
         self, model: nn.Module, config: QuantConfig, state: Any, filter_fn: FilterFn | None = None
@@ -327,6 +365,13 @@ class QuantVGGTHandler(QuantizeHandler):
             q = modules[name]
             assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
             q.input_hadamard = b
+        if state.special:
+            count = int(model.aggregator.patch_start_idx)  # type: ignore[union-attr]
+            for name, fmt in state.special.items():
+                q = modules[name]
+                assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
+                q.set_special_rows(count, fmt)
+            install_token_period_hook(model)
         return model
 
     def learn_and_fold_(
@@ -337,6 +382,7 @@ class QuantVGGTHandler(QuantizeHandler):
         ratio of the weight scales)."""
         smooth = state.smooth
         absmax = smooth.recorder.absmax
+        targets = smooth.targets if config.smooth else {}  # no smoothing: reconstruction learns clipping only
         scales: dict[str, torch.Tensor] = {}
         clip: dict[str, torch.Tensor] = {}
         if state.blocks is not None:
@@ -344,11 +390,11 @@ class QuantVGGTHandler(QuantizeHandler):
             warn_dropped(state.blocks, config.recon_max_memory_mb)
             special = int(getattr(getattr(model, "aggregator", None), "patch_start_idx", 0))  # camera + registers
             result = reconstruct_blocks(
-                model, state.blocks, smooth.plans, smooth.targets, absmax, state.online, config.alpha,
-                config.recon_settings(), special_tokens=special,
+                model, state.blocks, smooth.plans, targets, absmax, state.online, config.alpha,
+                config.recon_settings(), special_tokens=special, special_act=state.special,
             )  # fmt: skip
             state.blocks, state.recon = None, result  # frees the cached inputs
-            for target, s in fold_order(result.scales, smooth.targets):
+            for target, s in fold_order(result.scales, targets):
                 target.fold_(s)
             scales, clip = dict(result.scales), result.clip
             kept = sum(b.kept for b in result.blocks)
@@ -356,7 +402,7 @@ class QuantVGGTHandler(QuantizeHandler):
                 "reconstruction: %d/%d blocks improved, %d steps, %.1f s",
                 kept, len(result.blocks), sum(b.steps for b in result.blocks), result.seconds,
             )  # fmt: skip
-        rest = {n: t for n, t in smooth.targets.items() if n not in scales}
+        rest = {n: t for n, t in targets.items() if n not in scales}
         scales.update(apply_smoothing_(rest, absmax, config.alpha))
         return scales, clip
 

@@ -29,6 +29,9 @@ from qvggt.io import atomic_path
 from qvggt.model import VGGT, VGGTConfig, build_model
 from qvggt.quant.api import quantization_summary, quantize_
 from qvggt.quant.config import QuantConfig, RTNConfig, config_from_dict
+from qvggt.quant.formats import parse_format
+from qvggt.quant.linear import QuantLinear
+from qvggt.quant.special_tokens import install_token_period_hook
 
 FORMAT = "qvggt-quantized"
 FORMAT_VERSION = 1
@@ -59,6 +62,12 @@ def save_quantized(
         "qvggt_version": qvggt.__version__,
         # Online input rotations (QuantLinear.input_hadamard): module structure a config alone does not rebuild.
         "input_hadamard": {n: m.input_hadamard for n, m in model.named_modules() if getattr(m, "input_hadamard", 0)},
+        # Special-token rows (QuantLinear.special_tokens): layer -> [special tokens per frame, the rows' format name].
+        "special_rows": {
+            n: [m.special_tokens, m.special_act_fmt.name]
+            for n, m in model.named_modules()
+            if getattr(m, "special_tokens", 0) and getattr(m, "special_act_fmt", None) is not None
+        },
         "summary": {**asdict(summary), "compression": summary.compression},
     }
     text = json.dumps(manifest, indent=1, sort_keys=True)
@@ -116,5 +125,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT
         if name not in modules or not hasattr(modules[name], "input_hadamard"):
             raise ValueError(f"{path}: manifest rotates the input of {name!r}, which is not a quantized Linear")
         modules[name].input_hadamard = int(block)
+    special = manifest.get("special_rows") or {}
+    for name, (count, fmt) in special.items():
+        if not isinstance(modules.get(name), QuantLinear):
+            raise ValueError(f"{path}: manifest quantizes special-token rows of {name!r}, not a quantized Linear")  # noqa: TRY004
+        modules[name].set_special_rows(int(count), parse_format(fmt))
+    if special:
+        install_token_period_hook(model)
     model.qvggt_manifest = manifest
     return model.to(device).eval()

@@ -24,6 +24,8 @@ Legend: B... leading (batch/token) dims, K in_features, N out_features; convs: C
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ from qvggt.quant.formats import Granularity, QuantFormat
 from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.packing import pack_int4, unpack_int4
 from qvggt.quant.quantizer import ClipRatio, compute_scales, dequantize, fake_quantize, quantize
+from qvggt.quant.special_tokens import fake_quantize_rows
 
 __all__ = ["QuantConv2d", "QuantLinear", "is_packed_format"]
 
@@ -184,6 +187,12 @@ class QuantLinear(_QuantWeight):
         # activation is quantized; the stored weight is already rotated (W Hb), so the product is unchanged.
         # Set by methods that rotate inputs no preceding op can absorb (quantvggt on fc2); saved in the manifest.
         self.input_hadamard = 0
+        # Special-token rows (qvggt.quant.special_tokens): rows r of the flattened input with
+        # r % token_period < special_tokens are quantized with special_act_fmt (quantvggt: the camera/register
+        # tokens on an 8-bit grid). token_period (tokens per frame) is set at run time by the aggregator's hook.
+        self.special_tokens = 0
+        self.special_act_fmt: QuantFormat | None = None
+        self.token_period = 0
         self._init_storage(out_features, in_features, weight_fmt, dtype, device, f"Linear({in_features}, ...)")
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -244,13 +253,42 @@ class QuantLinear(_QuantWeight):
         if self.input_hadamard:
             x = block_hadamard_transform(x, self.input_hadamard)
         if self.act_fmt is not None and x.numel():  # an empty batch has no range to quantize
-            x = fake_quantize(x, self.act_fmt)
+            x = self.quantize_input(x, fake_quantize)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def set_special_rows(self, count: int, fmt: QuantFormat | None) -> None:
+        """Quantize the first ``count`` tokens of every frame with ``fmt`` (0 / None: off); validated here."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"special_tokens must be an int >= 0, got {count!r}")
+        if count and (fmt is None or self.act_fmt is None):
+            raise ValueError("special-token rows need an activation format for the layer and for the rows")
+        if count and fmt is not None and fmt.granularity is not Granularity.TOKEN:
+            raise ValueError(f"special-token rows are quantized per token, got {fmt.name}")
+        self.special_tokens, self.special_act_fmt = count, (fmt if count else None)
+
+    def quantize_input(self, x: Tensor, quantize: Callable[[Tensor, QuantFormat], Tensor]) -> Tensor:
+        """``quantize`` (``fake_quantize`` or its STE twin) applied to the input with the layer's activation
+        format, special rows with theirs."""
+        assert self.act_fmt is not None
+        if not self.special_tokens:
+            return quantize(x, self.act_fmt)
+        if self.token_period <= 0:
+            raise ValueError(
+                "this QuantLinear quantizes special-token rows apart but does not know the tokens per frame: run it "
+                "inside the model (the aggregator's hook sets token_period; "
+                "qvggt.quant.special_tokens.install_token_period_hook) or set layer.token_period"
+            )
+        assert self.special_act_fmt is not None
+        return fake_quantize_rows(
+            x, self.act_fmt, self.special_act_fmt, self.token_period, self.special_tokens, quantize
+        )
 
     def extra_repr(self) -> str:
         act = self.act_fmt.name if self.act_fmt is not None else "none (weight-only)"
         rot = f", input_hadamard={self.input_hadamard}" if self.input_hadamard else ""
+        if self.special_tokens and self.special_act_fmt is not None:
+            rot += f", special_rows={self.special_tokens}x{self.special_act_fmt.name}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight={self.weight_fmt.name} ({self._storage_repr()}), act={act}{rot}"

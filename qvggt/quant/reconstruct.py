@@ -63,9 +63,11 @@ from tqdm import tqdm
 
 from qvggt.model.layers import Block
 from qvggt.quant.coverage import LayerPlan
+from qvggt.quant.formats import QuantFormat
 from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.quantizer import compute_scales, fake_quantize_ste
 from qvggt.quant.smooth import SmoothLayer, SmoothTarget, smoothing_scales
+from qvggt.quant.special_tokens import fake_quantize_rows
 
 __all__ = [
     "BlockInputRecorder",
@@ -246,11 +248,19 @@ class _LearnedLinear(nn.Module):
     linear: nn.Linear
     v_divisor: _LearnedLinear | None
 
-    def __init__(self, linear: nn.Linear, plan: LayerPlan, online: int, s_init: Tensor | None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        plan: LayerPlan,
+        online: int,
+        s_init: Tensor | None,
+        special: tuple[QuantFormat, int, int] | None = None,
+    ) -> None:
         super().__init__()
         # Plain attributes, not submodules: the optimizer must see only log_s and clip_logit.
         object.__setattr__(self, "linear", linear)
         self.plan, self.online = plan, online
+        self.special = special  # (rows' format, tokens per frame, special tokens per frame): quantized apart
         w = linear.weight.detach()
         self.log_s = None if s_init is None else nn.Parameter(s_init.to(w.device, torch.float32).log())
         shape = compute_scales(w, plan.weight)[0].shape
@@ -283,7 +293,11 @@ class _LearnedLinear(nn.Module):
             if b is not None:
                 b = torch.cat([b[: 2 * c], b[2 * c :] / sv.to(b.dtype)])
         if self.plan.activation is not None and x.numel():
-            x = fake_quantize_ste(x, self.plan.activation)
+            if self.special is None:
+                x = fake_quantize_ste(x, self.plan.activation)
+            else:
+                fmt, period, count = self.special
+                x = fake_quantize_rows(x, self.plan.activation, fmt, period, count, fake_quantize_ste)
         return F.linear(x, fake_quantize_ste(w, self.plan.weight, clip_ratio=self.clip_ratio()), b)
 
 
@@ -464,6 +478,7 @@ def reconstruct_blocks(
     alpha: float,
     settings: ReconSettings,
     special_tokens: int = 0,
+    special_act: Mapping[str, QuantFormat] | None = None,
 ) -> ReconstructionResult:
     """Learn smoothing and clipping block by block (module docstring); the model is left as it was (nothing is
     folded or quantized here).
@@ -477,6 +492,8 @@ def reconstruct_blocks(
         alpha: SmoothQuant's migration strength (initial scales).
         settings: epochs, lr, budget ...
         special_tokens: camera + register tokens at the start of each frame's tokens (``special_weight``).
+        special_act: layer name -> the format its special-token rows are quantized with (quantvggt's
+            ``special_token_abits``), as the converted QuantLinear will.
 
     Returns:
         ``ReconstructionResult`` (scales of the chain's smoothed Linears, learned clipping ratios, reports).
@@ -516,7 +533,9 @@ def reconstruct_blocks(
                 plan = plans.get(full)
                 if plan is None or not isinstance(plan.module, nn.Linear):
                     continue
-                wrappers[full] = _LearnedLinear(plan.module, plan, online.get(full, 0), init.get(full))
+                fmt = (special_act or {}).get(full)
+                rows = None if fmt is None else (fmt, per_frame, special_tokens)
+                wrappers[full] = _LearnedLinear(plan.module, plan, online.get(full, 0), init.get(full), rows)
                 originals[full] = block.get_submodule(sub)
             qkv, proj = wrappers.get(f"{name}.attn.qkv"), wrappers.get(f"{name}.attn.proj")
             if qkv is not None and proj is not None:  # else a float qkv: dividing proj's input is the same

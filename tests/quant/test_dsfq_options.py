@@ -55,6 +55,26 @@ def test_norm_input_rotation_rotates_qkv_and_fc1_online_and_drops_their_smoothin
         assert _rel(q(images)["pose_enc"], model(images)["pose_enc"]) < 0.05
 
 
+def test_without_smoothing_nothing_is_folded_and_the_rest_still_runs(outlier_model) -> None:
+    """The "without smoothing" ablation: LayerNorm affines and V rows keep their float values (the per-head
+    rotation aside), the rotations stay, and reconstruction learns the clipping alone."""
+    model, calib, images = outlier_model
+    orig = model.aggregator.frame_blocks[0]
+    out = {}
+    for smooth in (True, False):
+        config = make_config("quantvggt", 4, 4, None, "default", False, {"smooth": smooth, "recon_epochs": 1})
+        q = quantize_(copy.deepcopy(model), config, calibration_data=calib)
+        blk = q.aggregator.frame_blocks[0]
+        folded = not torch.equal(blk.norm1.weight, orig.norm1.weight) or not torch.equal(
+            blk.norm2.bias, orig.norm2.bias
+        )
+        assert folded is smooth
+        assert blk.mlp.fc2.input_hadamard == 128
+        with torch.no_grad():
+            out[smooth] = _rel(q(images)["pose_enc"], model(images)["pose_enc"])
+    assert out[False] < 0.5 and out[False] != out[True], out
+
+
 def test_unknown_options_are_refused_naming_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"no option\(s\) \['gptq'\].*act_order"):
         make_config("gptq", 4, 8, None, "default", False, {"gptq": True})
