@@ -164,17 +164,24 @@ def quantize(
     recon_time_budget: Annotated[
         float | None, typer.Option(help="quantvggt: reconstruction seconds, all blocks (0: no limit).")
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Any field of the method's config as KEY=VALUE (YAML value; repeat), e.g. gptq=true."),
+    ] = None,
 ) -> None:
     """Quantize a model and write a packed checkpoint (model.safetensors + model.json manifest)."""
     from qvggt.config import load_config
-    from qvggt.quant.command import reconstruction_options, run_quantize
+    from qvggt.quant.command import parse_options, reconstruction_options, run_quantize
 
     try:
         data = load_config(params).data
+        options = {
+            **parse_options(option or []),
+            **reconstruction_options(reconstruct, recon_epochs, recon_time_budget),
+        }
         result = run_quantize(
             method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
-            calib_manifest=calib_manifest,
-            options=reconstruction_options(reconstruct, recon_epochs, recon_time_budget),
+            calib_manifest=calib_manifest, options=options,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)

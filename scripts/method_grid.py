@@ -1,7 +1,7 @@
 """Issue #6's method-by-bit-width table: every method at W8A8 / W6A6 / W4A8 / W4A4 plus quantvggt ablations, on one
 base model, evaluated in one ``qvggt eval`` run against ground truth and the float model.
 
-Usage: python scripts/method_grid.py BASE OUT [--scenes 16] [--code-rev REV]
+Usage: python scripts/method_grid.py BASE OUT [--scenes 16] [--calib-manifest runs/.../manifest.json]
 Writes OUT/<name>/model.safetensors per config (reused when present), OUT/eval/ and prints the markdown table:
 task metrics (pose AUC@30/@5, depth AbsRel, Chamfer), the paired bootstrap 95% interval of the AbsRel change
 against FP, and fidelity to the FP model (pose AUC@30 with its cameras as ground truth, pose-encoding rel L2).
@@ -23,14 +23,14 @@ from qvggt.quant.command import run_quantize
 
 METHODS = ("rtn", "smoothquant", "quarot", "gptq", "quantvggt")
 BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
-# quantvggt ablations and one variant at W4A4: without its rotations, without reconstruction, and the reconstruction loss with the
-# camera/register tokens weighted apart (the only special-token handling beyond per-token scales). No "without
-# smoothing" row: QuantVGGTConfig refuses an empty smooth_layers (it inherits SmoothQuant's check).
+# quantvggt ablations at W4A4 (issue #6: without rotation, smoothing, special-token handling, reconstruction) and
+# one variant: qkv/fc1 inputs rotated online too (the paper's full rotation).
 ABLATIONS = {
     "quantvggt-norot": {"head_rotation": False, "fc2_rotation_block": 0},
+    "quantvggt-nosmooth": {"smooth": False},
+    "quantvggt-nospecial": {"special_token_abits": None},
     "quantvggt-norecon": {"reconstruct": False},
-    "quantvggt-tokw1": {"recon_special_weight": 1.0},
-    "quantvggt+lnrot": {"norm_input_rotation": True},  # a variant, not an ablation: qkv/fc1 inputs rotated online too
+    "quantvggt+lnrot": {"norm_input_rotation": True},
 }
 
 
@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("base")
     p.add_argument("out")
     p.add_argument("--scenes", type=int, default=16)
+    p.add_argument("--calib-manifest", default=None, help="a `qvggt calibrate` manifest (default: 8 random scenes)")
     args = p.parse_args()
     torch.manual_seed(0)
     out = Path(args.out)
@@ -83,7 +84,7 @@ def main() -> None:
         dest = out / name
         if not (dest / "model.safetensors").is_file():
             t = time.perf_counter()
-            run_quantize(method, w, a, dest, args.base, options=opts or None)
+            run_quantize(method, w, a, dest, args.base, calib_manifest=args.calib_manifest, options=opts or None)
             print(f"{name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         compare += ["--compare", str(dest / "model.safetensors")]
     shutil.rmtree(out / "eval", ignore_errors=True)  # eval refuses a folder holding another evaluation

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,21 @@ def reconstruction_options(reconstruct: bool | None, epochs: int | None, time_bu
         options["recon_epochs"] = epochs
     if time_budget_s is not None:
         options["recon_time_budget_s"] = time_budget_s or None
+    return options
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the CLI's ``--option``) -> a dict; values are YAML scalars as in params.yaml
+    (``8``, ``true``, ``null``, ``0.5``), so ``special_token_abits=null`` turns the special rows off. The keys are
+    checked by ``make_config`` against the method's config fields."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE, e.g. --option special_token_abits=null")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
     return options
 
 

@@ -67,6 +67,9 @@ def test_quantize_cli_then_eval_compares_it(tiny_ckpt: Path, tmp_path: Path) -> 
         (["--fp8", "--wbits", "4"], "fp8"),
         (["--coverage", "most"], "coverage"),
         (["--group-size", "48", "--wbits", "4"], "not divisible by 48"),
+        (["--method", "quantvggt", "--option", "special_token_abits"], "KEY=VALUE"),
+        (["--method", "quantvggt", "--option", "special_token_bits=8"], "no option(s) ['special_token_bits']"),
+        (["--method", "quantvggt", "--option", "special_token_abits=12"], "special_token_abits must be"),
     ],
 )
 def test_quantize_cli_errors(tiny_ckpt: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -74,6 +77,21 @@ def test_quantize_cli_errors(tiny_ckpt: Path, tmp_path: Path, args: list[str], m
     assert res.exit_code == 1
     assert message in res.output, res.output
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_quantize_cli_options_reach_the_method(tiny_ckpt: Path, tmp_path: Path) -> None:
+    base = ["quantize", "--model", str(tiny_ckpt), "--method", "quantvggt", "--wbits", "4", "--abits", "4"]
+    base += ["--calib-scenes", "1", "--no-reconstruct"]
+    rows = {}
+    for value in ("8", "null"):
+        out = tmp_path / value
+        res = runner.invoke(app, [*base, "--option", f"special_token_abits={value}", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        manifest = read_manifest(out / "model.safetensors")
+        assert manifest["quant_config"]["special_token_abits"] == (8 if value == "8" else None)
+        assert manifest["quant_config"]["reconstruct"] is False
+        rows[value] = len(manifest["special_rows"])
+    assert rows == {"8": 32, "null": 0}
 
 
 def test_float_checkpoint_is_not_a_quantized_one(tiny_ckpt: Path) -> None:
