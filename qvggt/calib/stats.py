@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from qvggt.io import atomic_open
+from qvggt.quant.special_tokens import tokens_per_frame
 
 __all__ = [
     "DEFAULT_LINEARS",
@@ -623,8 +624,7 @@ class ActivationStats:
         if not isinstance(images, Tensor) or images.dim() != 5:
             return
         B, S, _, H, W = images.shape
-        p = module.cfg.patch_size
-        P = module.patch_start_idx + (H // p) * (W // p)
+        P = tokens_per_frame(module, images)
         self._auto_layout = TokenLayout(module.patch_start_idx, P)
         self._num_frames += B * S
         self._tokens_per_frame.add(P)
