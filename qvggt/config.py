@@ -111,6 +111,14 @@ class TrainConfig(Section):
     camera_weight: float = Field(5.0, ge=0)
     depth_weight: float = Field(1.0, ge=0)
     point_weight: float = Field(1.0, ge=0)
+    # Baseline control (docs/TRAINING_NOTES.md): render ``render_frames`` per scene and train on ``num_frames`` of
+    # them, ``frame_stride`` apart, at a random start; the stride grows linearly to ``frame_stride_end`` over the
+    # run (a narrow-to-wide curriculum). None: every rendered frame, as before.
+    render_frames: int | None = Field(None, ge=1)
+    frame_stride: int = Field(1, ge=1)
+    frame_stride_end: int | None = Field(None, ge=1)
+    # Learning-rate multiplier of the camera head and the aggregator's camera token.
+    camera_lr_mult: float = Field(1.0, gt=0)
     threads: int | None = Field(None, ge=1)
     mlflow_tracking_uri: str | None = None
 
@@ -122,6 +130,15 @@ class TrainConfig(Section):
             raise ValueError(f"train.image_size={self.image_size} must be a multiple of 14")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
+        if self.render_frames is not None:
+            widest = max(self.frame_stride, self.frame_stride_end or 0)
+            if (self.num_frames - 1) * widest >= self.render_frames:
+                raise ValueError(
+                    f"train.num_frames={self.num_frames} frames {widest} apart need train.render_frames > "
+                    f"{(self.num_frames - 1) * widest}, got {self.render_frames}"
+                )
+        elif self.frame_stride != 1 or self.frame_stride_end is not None:
+            raise ValueError("train.frame_stride / frame_stride_end need train.render_frames")
         return self
 
 

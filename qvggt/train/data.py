@@ -5,6 +5,10 @@ coordinates: ``images`` uint8 [N, S, 3, H, W], ``depth`` float16 [N, S, H, W], `
 [N, S, H, W, 3], ``valid_mask`` bool [N, S, H, W], ``extrinsics``/``intrinsics`` float32 [N, S, 3, 4]/[N, S, 3, 3],
 plus ``meta.json`` (seeds, categories, sizes). Its folder name is a hash of what it holds; it is built in a temp
 folder and renamed into place, so an interrupted build is never mistaken for a finished one.
+
+A cache may hold longer trajectories than a training sample uses: :func:`frame_windows` picks ``S`` frames per
+scene (a stride sets the baseline between them) and :func:`select_frames` re-expresses them in VGGT's normalised
+frame of the first picked frame, exactly as rendering only those frames and normalising would.
 """
 
 from __future__ import annotations
@@ -68,6 +72,44 @@ def build_cache(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def frame_windows(rng: np.random.Generator, batch_size: int, num_frames: int, rendered: int, stride: int) -> np.ndarray:
+    """Frame indices [B, S] of ``batch_size`` windows: ``num_frames`` frames ``stride`` apart, each window at a
+    random start within the ``rendered`` frames; the frames keep the trajectory's order."""
+    span = (num_frames - 1) * stride
+    if stride < 1 or span >= rendered:
+        raise ValueError(f"{num_frames} frames {stride} apart do not fit in {rendered} rendered frames")
+    starts = rng.integers(0, rendered - span, batch_size)
+    return starts[:, None] + stride * np.arange(num_frames)[None]
+
+
+def select_frames(batch: dict[str, torch.Tensor], frames: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+    """The frames ``frames`` [B, S'] of each scene of a normalised ``batch`` (as :meth:`SceneCache.batch` gives),
+    re-normalised as VGGT's targets are: the first picked camera becomes ``[I | 0]`` and depth, points and
+    translations are scaled so that the mean distance of the picked frames' valid points to it is 1."""
+    idx = torch.as_tensor(np.asarray(frames), dtype=torch.long)
+    rows = torch.arange(idx.shape[0])[:, None]
+    ext = batch["extrinsics"][rows, idx].double()  # [B, S', 3, 4]
+    mask = batch["valid_mask"][rows, idx]
+    r0, t0 = ext[:, 0, :, :3], ext[:, 0, :, 3]
+    pts = torch.einsum("bij,bshwj->bshwi", r0, batch["world_points"][rows, idx].double()) + t0[:, None, None, None]
+    dist = (pts.norm(dim=-1) * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+    scale = torch.where(dist > 0, 1.0 / dist, torch.ones_like(dist))  # as SyntheticScene.normalized()
+    rel = ext[..., :3] @ r0.transpose(-1, -2)[:, None]  # R_i R_0^T
+    trans = (ext[..., 3] - torch.einsum("bsij,bj->bsi", rel, t0)) * scale[:, None, None]
+    new_ext = torch.cat([rel, trans[..., None]], -1)
+    new_ext[:, 0] = torch.eye(3, 4, dtype=new_ext.dtype)  # exactly the identity, as normalized() writes it
+    out = dict(batch)
+    out.update(
+        images=batch["images"][rows, idx],
+        depth=(batch["depth"][rows, idx] * scale[:, None, None, None]).float(),
+        world_points=torch.where(mask[..., None], pts * scale[:, None, None, None, None], 0.0).float(),
+        valid_mask=mask,
+        extrinsics=new_ext.float(),
+        intrinsics=batch["intrinsics"][rows, idx],
+    )
+    return out
 
 
 class SceneCache:

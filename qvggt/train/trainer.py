@@ -25,7 +25,7 @@ from tqdm import tqdm
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.io import atomic_open, atomic_path
 from qvggt.model import VGGT, build_model, get_preset, save_checkpoint
-from qvggt.train.data import SceneCache, build_cache
+from qvggt.train.data import SceneCache, build_cache, frame_windows, select_frames
 from qvggt.train.losses import LossWeights, vggt_loss
 
 STATE_FILE = "state.pt"
@@ -58,6 +58,41 @@ def training_scenes(data: DataConfig, n: int) -> tuple[list[int], list[str]]:
     if len(seeds) < n:
         raise ValueError(f"train.num_scenes={n} exceeds the {len(seeds)} seeds of data.train_seeds")
     return seeds, [cats[s % len(cats)] for s in seeds]
+
+
+def frame_stride(step: int, cfg: TrainConfig) -> int:
+    """Frame stride at ``step``: ``frame_stride``, growing linearly to ``frame_stride_end`` at the last step."""
+    if cfg.frame_stride_end is None:
+        return cfg.frame_stride
+    progress = step / max(1, cfg.steps - 1)
+    return round(cfg.frame_stride + progress * (cfg.frame_stride_end - cfg.frame_stride))
+
+
+def step_frames(step: int, cfg: TrainConfig) -> np.ndarray | None:
+    """Frame indices [B, S] of ``step``'s samples within the rendered trajectories (None: all frames); drawn
+    from ``(seed, step)`` alone so that a resumed run picks the same frames."""
+    if cfg.render_frames is None:
+        return None
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    return frame_windows(rng, cfg.batch_size, cfg.num_frames, cfg.render_frames, frame_stride(step, cfg))
+
+
+def param_groups(model: VGGT, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices except tokens and position embeddings; the camera head and camera
+    token at ``camera_lr_mult`` x lr (split off only when it is not 1, so default runs keep two groups)."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        decay = p.ndim >= 2 and "token" not in name and "pos_embed" not in name
+        camera = cfg.camera_lr_mult != 1 and (name.startswith("camera_head.") or name == "aggregator.camera_token")
+        groups.setdefault((camera, decay), []).append(p)
+    return [
+        {
+            "params": ps,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": cfg.lr * (cfg.camera_lr_mult if cam else 1),
+        }
+        for (cam, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
 
 
 @dataclass
@@ -116,18 +151,13 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seeds, cats = training_scenes(data, cfg.num_scenes)
-    cache = SceneCache(build_cache(cache_root, seeds, cats, cfg.num_frames, cfg.image_size, progress))
+    rendered = cfg.render_frames or cfg.num_frames
+    cache = SceneCache(build_cache(cache_root, seeds, cats, rendered, cfg.image_size, progress))
 
     model = _make_model(cfg).to(device).train()
     # Recomputing blocks saves memory on a GPU but costs a third of the step time on a CPU.
     model.aggregator.gradient_checkpointing = device != "cpu"
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
-    no_decay = [
-        p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)
-    ]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     weights = LossWeights(camera=cfg.camera_weight, depth=cfg.depth_weight, point=cfg.point_weight)
 
@@ -154,9 +184,11 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.preset}", disable=not progress, unit="step")
     t0, frames_done = time.perf_counter(), 0
     while step < end:
-        batch = {
-            k: v.to(device) for k, v in cache.batch(batch_indices(step, cfg.batch_size, len(cache), cfg.seed)).items()
-        }
+        batch = cache.batch(batch_indices(step, cfg.batch_size, len(cache), cfg.seed))
+        frames = step_frames(step, cfg)
+        if frames is not None:
+            batch = select_frames(batch, frames)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             preds = model(batch["images"])
         losses = vggt_loss(preds, batch, weights)

@@ -10,7 +10,15 @@ import torch
 
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.model import load_vggt
-from qvggt.train.trainer import batch_indices, lr_factor, train
+from qvggt.train.trainer import (
+    _make_model,
+    batch_indices,
+    frame_stride,
+    lr_factor,
+    param_groups,
+    step_frames,
+    train,
+)
 
 CFG = TrainConfig(
     preset="tiny",
@@ -87,3 +95,38 @@ def test_schedule_and_data_order() -> None:
     order = [i for s in range(5) for i in batch_indices(s, 2, 10, seed=3)]
     assert sorted(order) == list(range(10))
     assert order != [i for s in range(5) for i in batch_indices(s, 2, 10, seed=4)]
+
+
+def test_frame_windows_from_longer_trajectories_resume_exactly(tmp_path: Path, cache_root: Path) -> None:
+    """Issue 4's baseline control: 2 of 4 rendered frames, a growing stride, a faster camera head; resumable."""
+    cfg = CFG.model_copy(update={"render_frames": 4, "frame_stride": 1, "frame_stride_end": 3, "camera_lr_mult": 4.0})
+    full = train(cfg, DataConfig(), tmp_path / "a", tmp_path / "wa", cache_root, progress=False)
+    train(cfg, DataConfig(), tmp_path / "b", tmp_path / "wb", cache_root, stop_after=2, progress=False)
+    resumed = train(cfg, DataConfig(), tmp_path / "b", tmp_path / "wb", cache_root, progress=False)
+    wa, wb = _weights(full.model_path), _weights(resumed.model_path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert load_vggt(full.model_path).cfg.enable_camera
+
+
+def test_frame_schedule_and_camera_lr_groups() -> None:
+    cfg = TrainConfig(steps=101, warmup_steps=1, num_frames=4, render_frames=16, frame_stride=1, frame_stride_end=5)
+    assert [frame_stride(s, cfg) for s in (0, 50, 100)] == [1, 3, 5]
+    f0 = step_frames(0, cfg)
+    assert f0.shape == (cfg.batch_size, 4) and (f0 == step_frames(0, cfg)).all()  # a function of (seed, step)
+    assert (step_frames(100, cfg)[:, 1:] - step_frames(100, cfg)[:, :-1] == 5).all()
+    assert step_frames(0, TrainConfig()) is None  # default: every rendered frame, as before
+    with pytest.raises(ValueError, match="render_frames"):
+        TrainConfig(num_frames=4, render_frames=8, frame_stride=3)
+    with pytest.raises(ValueError, match="need train.render_frames"):
+        TrainConfig(frame_stride=2)
+
+    tiny = CFG.model_copy(update={"camera_lr_mult": 10.0})
+    model = _make_model(tiny)
+    groups = param_groups(model, tiny)
+    camera = {id(p) for n, p in model.named_parameters() if n.startswith("camera_head.") or n.endswith("camera_token")}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= camera or not ids & camera
+        assert g["lr"] == pytest.approx(tiny.lr * (10 if ids <= camera else 1))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(param_groups(model, CFG)) == 2  # default: the two weight-decay groups only
