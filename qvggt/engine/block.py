@@ -18,6 +18,16 @@ Each bracketed Hadamard is a layer's ``QuantLinear.input_hadamard`` (quarot; qua
 An fc2 rotation of another block size than the fc1 tile runs in the quantization kernel instead of the epilogue.
 Quantization steps are skipped for float (or weight-only) layers; their rotation then runs in torch.
 
+Special-token rows (quantvggt's ``special_token_abits``; ``GemmOperand.special_tokens`` = c): the first c tokens of
+every frame (VGGT's camera + register tokens) carry massive outlier channels, so in an int4-activation layer their
+rows are quantized on the int8 grid instead (qmax 127, own per-token scale) by the same quantization steps above:
+LN1 / LN2, proj's input quantization and fc1's epilogue (per (token, 128 columns) for fc2). They land in the same
+int8 codes tensor, so the GEMMs do not change. Row r of the flattened [T, C] stream is special iff
+``r % token_period < c``; ``token_period`` = P (tokens per frame) is set on the block before each model forward by
+the aggregator's pre-hook (``qvggt.quant.special_tokens``, installed by the quantized-checkpoint loader), and is the
+same for frame ([B*S, P, C]) and global ([B, S*P, C]) blocks. P is fixed by the image size, so a CUDA graph (keyed
+by input shape) captures the right P.
+
 The same module runs float layers (bf16 GEMMs with the same epilogues: the "bf16 fused" path, which separates the
 gain of fusion from the gain of quantization) and quantized ones. fc2's input is quantized per 1 x 128 tile, not
 per token: a per-token scale needs the whole 4096-wide row, which one GEMM output tile does not hold, and a
@@ -93,6 +103,8 @@ class FusedBlock(nn.Module):
         self.rope = attn.rope
         self._inv_freq = None if attn.rope is None else rope_inv_freq(self.head_dim, attn.rope.base)
         self.gamma1, self.gamma2 = _gamma(block.ls1), _gamma(block.ls2)
+        # Tokens per frame, for special-token rows: written by the aggregator's forward pre-hook (0: not known).
+        self.token_period: int = 0
 
     # ------------------------------------------------------------------ device movement
 
@@ -132,21 +144,39 @@ class FusedBlock(nn.Module):
             out_dtype=torch.bfloat16, **epilogue,
         )  # fmt: skip
 
-    @staticmethod
-    def _quant_in(x: Tensor, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
+    def _special(self, op: GemmOperand) -> tuple[int, int]:
+        """(period, count) of ``op``'s special-token rows for the kernels; (0, 0) without any.
+
+        Raises:
+            ValueError: the layer has special rows but the block was never told the tokens per frame.
+        """
+        if not op.special_tokens:
+            return 0, 0
+        period = self.token_period
+        if isinstance(period, bool) or not isinstance(period, int) or period <= 0:
+            raise ValueError(
+                f"{self.name}: its layers quantize {op.special_tokens} special-token rows per frame apart, but "
+                f"token_period={period!r} (tokens per frame) was not set: run the block inside the model, whose "
+                "aggregator pre-hook sets it (qvggt.quant.special_tokens.install_token_period_hook, installed by "
+                "qvggt.load_quantized), or set block.token_period = P by hand"
+            )
+        return period, op.special_tokens
+
+    def _quant_in(self, x: Tensor, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
         """A bf16 activation as ``op`` consumes it: rotated online if the layer says so, then quantized (one kernel:
-        the rotation is the quantization kernel's Hadamard stage)."""
+        the rotation is the quantization kernel's Hadamard stage), special-token rows on their grid."""
         x = x.contiguous()
         if op.act != "bf16":
-            return token_quant(x, op.act, hadamard=op.input_hadamard)
+            period, count = self._special(op)
+            return token_quant(x, op.act, op.input_hadamard, period, count)
         # Weight-only layer: nothing to quantize, so the rotation runs in torch (float32, one bf16 rounding).
         return block_hadamard_transform(x, op.input_hadamard) if op.input_hadamard else x
 
-    @staticmethod
-    def _norm_in(x: Tensor, norm: tuple, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
+    def _norm_in(self, x: Tensor, norm: tuple, op: GemmOperand) -> Tensor | tuple[Tensor, Tensor]:
         w, b, eps = norm
         if op.act != "bf16":  # LayerNorm -> (rotation) -> quantization in one kernel
-            return layernorm_quant(x, w, b, eps, op.act, hadamard=op.input_hadamard)
+            period, count = self._special(op)
+            return layernorm_quant(x, w, b, eps, op.act, op.input_hadamard, period, count)
         h = F.layer_norm(x, (x.shape[-1],), w, b, eps)  # w, b are bf16 here (see __init__): one bf16 kernel
         return block_hadamard_transform(h, op.input_hadamard) if op.input_hadamard else h
 
@@ -184,11 +214,13 @@ class FusedBlock(nn.Module):
             h = self._norm_in(xf, self.norm2, self.fc1)
             # fc1's epilogue quantizes its output for fc2 per (token, 128 columns), after rotating each tile by
             # fc2's online block Hadamard when there is one (quantvggt) and it matches the tile width.
+            # fc2's special-token rows are quantized there too (every column tile of those rows on the int8 grid).
             rot = self.fc2.input_hadamard
             fused_handoff = self.fc2.act != "bf16" and rot in (0, self.fc1.tiles.block_n)
+            period, count = self._special(self.fc2) if fused_handoff else (0, 0)
             f = self._gemm(
                 h, self.fc1, gelu=True, out_quant=self.fc2.act if fused_handoff else None,
-                out_hadamard=fused_handoff and rot > 0,
+                out_hadamard=fused_handoff and rot > 0, out_special_period=period, out_special_count=count,
             )  # fmt: skip
             f = f if fused_handoff else self._quant_in(f, self.fc2)
             xf = self._gemm(f, self.fc2, gamma=self.gamma2, residual=xf)
@@ -196,7 +228,11 @@ class FusedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         kinds = lambda op: "bf16" if op.scale is None else ("int4" if op.int4_k else str(op.weight.dtype))
+        special = [f"{n}:{getattr(self, n).special_tokens}" for n in ("qkv", "proj", "fc1", "fc2")]
+        special = [x for x in special if not x.endswith(":0")]
+        rows = f", special_rows={','.join(special)}" if special else ""
         return (
             f"{self.name}: qkv={kinds(self.qkv)}/{self.qkv.act}, proj={kinds(self.proj)}/{self.proj.act}, "
             f"fc1={kinds(self.fc1)}/{self.fc1.act}, fc2={kinds(self.fc2)}/{self.fc2.act}, attention={self.attention}"
+            f"{rows}"
         )

@@ -124,7 +124,8 @@ def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
     """Convert ``model`` (modified in place: pass a copy to keep the original) into an ``Engine``.
 
     Works on float models (the bf16 fused path) and on models quantized by ``qvggt.quant.quantize_`` (int8 / fp8
-    / int4 weights with per-token int8, fp8 or int4 activations); formats with no exact kernel path raise
+    / int4 weights with per-token int8, fp8 or int4 activations, int4 ones optionally with quantvggt's 8-bit
+    special-token rows); formats with no exact kernel path raise
     ``qvggt.engine.operands.UnsupportedLayerError`` naming the layer and the fix.
     """
     if not isinstance(model, VGGT):

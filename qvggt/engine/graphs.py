@@ -14,6 +14,9 @@ records the launches once and replays them with one call. Graphs fix every tenso
   stay resident;
 * launch counters (the kernels' ``KERNEL_CALLS`` / ``FALLBACK_CALLS``) are Python-side and a replay runs no
   Python, so the cache adds the captured forward's launches to them on every replay: they keep counting launches;
+* plain Python values the forward hands to kernels are recorded as they were at capture. The one that varies is
+  ``FusedBlock.token_period`` (tokens per frame, for special-token rows), which the aggregator's pre-hook derives
+  from the image size: a function of the input shape, so the shape key keeps it valid;
 * where capture is impossible (CPU tensors, graphs disabled, capture already under way, or the capture itself
   raising, e.g. an op that synchronises with the host) the call runs eagerly, and the reason is logged once per
   signature (``qvggt.engine`` logger) and kept in ``GraphCache.fallbacks``.

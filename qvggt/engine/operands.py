@@ -4,11 +4,15 @@ The checkpoint layout (``qvggt.quant.linear``) is for storage; the engine conver
 float weights to bf16, int8 / fp8 codes kept as they are, int4 codes repacked into the GEMM kernel's blocked
 nibble layout (``pack_int4_blocked``), scales to float32 [N, 1] or [N, K / 128]. Formats the kernels cannot run
 exactly as stored are refused with the reason, never approximated silently.
+
+Special-token rows (``QuantLinear.special_tokens`` / ``special_act_fmt``, quantvggt's camera and register tokens on
+an 8-bit grid inside 4-bit activation layers) become ``GemmOperand.special_tokens``: the activation kernels quantize
+those rows with qmax 127 into the same int8 codes, so the operand itself (weights, GEMM) does not change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +62,9 @@ class GemmOperand:
         input_hadamard: block size of the online Hadamard applied to the input before quantization (0: none;
             the weight already holds the rotation, ``QuantLinear.input_hadamard``). On qkv / fc1 it is the fused
             LayerNorm kernel's rotation stage, on proj / fc2 the quantization kernel's (or fc1's epilogue).
+        special_tokens: special-token rows per frame (0: none; ``QuantLinear.special_tokens``): input rows r with
+            r % token_period < special_tokens are quantized per token on the int8 grid (int4 layers; int8 layers
+            are on it already). ``FusedBlock.token_period`` supplies the period at run time.
     """
 
     weight: Tensor
@@ -67,6 +74,7 @@ class GemmOperand:
     act: ActKind
     tiles: GemmTiles
     input_hadamard: int = 0
+    special_tokens: int = 0
 
     @property
     def out_features(self) -> int:
@@ -77,10 +85,9 @@ class GemmOperand:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.bias) if t is not None)
 
     def to(self, device: torch.device | str) -> GemmOperand:
+        """The operand on ``device``; every non-tensor field (act, tiles, rotation, special rows) carried over."""
         move = lambda t: None if t is None else t.to(device)
-        return GemmOperand(
-            move(self.weight), move(self.scale), self.int4_k, move(self.bias), self.act, self.tiles, self.input_hadamard
-        )
+        return replace(self, weight=move(self.weight), scale=move(self.scale), bias=move(self.bias))
 
 
 def _weight_only_to_bf16(layer: QuantLinear) -> Tensor:
@@ -93,8 +100,9 @@ def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
     Raises:
         UnsupportedLayerError: for formats without an exact kernel path (asymmetric or per-tensor weights, group
             sizes other than the kernel's 128-wide K step, fp8/int8 weights with a different activation kind, an
-            online input rotation that is not a power-of-two block dividing the width), naming the layer and the
-            fix.
+            online input rotation that is not a power-of-two block dividing the width, special-token rows that are
+            not symmetric per-token int8 or on a layer whose activations are not int4 / int8), naming the layer
+            and the fix.
     """
     bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().to(torch.bfloat16)
     if isinstance(layer, nn.Linear):
@@ -104,7 +112,42 @@ def prepare_linear(layer: nn.Module, where: str) -> GemmOperand:
         raise UnsupportedLayerError(f"{where}: {type(layer).__name__} is neither nn.Linear nor QuantLinear")
     op = _prepare_quant_linear(layer, where)
     op.input_hadamard = _input_hadamard(layer, where)
+    op.special_tokens = _special_tokens(layer, where, op.act)
     return op
+
+
+def _special_tokens(layer: QuantLinear, where: str, act: ActKind) -> int:
+    """The layer's special-token rows per frame, if the kernels can quantize them exactly as ``QuantLinear`` does.
+
+    Read with ``getattr``: checkpoints (and QuantLinear versions) without the attributes have none.
+    """
+    count = getattr(layer, "special_tokens", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise UnsupportedLayerError(f"{where}: special_tokens must be an int >= 0, got {count!r}")
+    if not count:
+        return 0
+    fmt = getattr(layer, "special_act_fmt", None)
+    exact = (
+        isinstance(fmt, QuantFormat)
+        and not fmt.is_float
+        and fmt.bits == 8
+        and fmt.symmetric
+        and fmt.granularity is Granularity.TOKEN
+    )
+    if not exact:
+        name = getattr(fmt, "name", fmt)
+        raise UnsupportedLayerError(
+            f"{where}: special-token rows in format {name}; the engine's kernels quantize them as symmetric per-token "
+            "int8 (qmax 127 in the int8 codes) only (re-quantize with special_token_abits=8, or None for no special "
+            "rows)"
+        )
+    if act not in ("int4", "int8"):
+        raise UnsupportedLayerError(
+            f"{where}: special-token rows on a layer with {act} activations; the kernels put them on the int8 grid "
+            "of int4 / int8 activation codes only (re-quantize with int4 or int8 activations, or without special "
+            "rows)"
+        )
+    return count
 
 
 def _input_hadamard(layer: QuantLinear, where: str) -> int:

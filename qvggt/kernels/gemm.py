@@ -4,7 +4,7 @@ One Triton kernel computes every linear layer of the engine's transformer blocks
 
     y[m, n] = sum_g  (A[m, k in g] . W[n, k in g]) * a_scale[m, g] * w_scale[n, g]      (g: K groups, or all K)
     y = y + bias[n];  y = gelu(y) (exact erf);  y = y * gamma[n];  y = residual[m, n] + y
-    out = y in out_dtype,  or  (codes, scales) quantized per row and per BLOCK_N-column tile (int8 / fp8 e4m3)
+    out = y in out_dtype,  or  (codes, scales) quantized per row and per BLOCK_N-column tile (int8 / fp8 / int4 grid)
 
 so that the LayerScale, residual add, GELU and the quantization of the next GEMM's input never make an extra
 pass over memory (the separate-kernel recipe measured slower than bf16 on Hopper, HOPPER_MEASUREMENTS.md).
@@ -26,6 +26,12 @@ Group scales (``[*, G]``, G = K / group) need ``group == BLOCK_K``: each K step'
 and accumulated, as DeepSeek-V3's fine-grained fp8 GEMM does. The output quantization writes one scale per
 (row, BLOCK_N columns) so its codes can feed the next GEMM with group == BLOCK_N.
 
+Special-token rows of the quantized output (``out_special_period`` P, ``out_special_count`` c: VGGT's camera and
+register tokens, for fc2's input): global row m is special iff ``m % P < c``, computed in the epilogue from the
+tile's row offsets; with ``out_quant="int4"`` every column tile of a special row is quantized on the int8 grid
+(qmax 127 instead of 7) into the same int8 codes. P and c are runtime arguments (not specialised: one compiled
+kernel for every image size); only "special rows on or off" is a compile-time flag.
+
 Twin: ``qvggt.kernels.reference.scaled_gemm_ref``. Shape legend: M tokens, K input width, N output width.
 """
 
@@ -38,7 +44,7 @@ import torch
 from torch import Tensor
 
 from qvggt.kernels import check_fallback_allowed, has_triton
-from qvggt.kernels.reference import scaled_gemm_ref
+from qvggt.kernels.reference import SPECIAL_ROW_FORMAT, check_special_rows, scaled_gemm_ref
 
 __all__ = [
     "FALLBACK_CALLS",
@@ -87,7 +93,7 @@ if has_triton():
 
     from qvggt.kernels.rounding import round_to_fp8_grid, round_to_int_grid
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["out_special_period", "out_special_count"])  # no recompile per image size
     def _scaled_gemm_kernel(
         a_ptr,
         w_ptr,
@@ -109,6 +115,8 @@ if has_triton():
         stride_rm,
         stride_om,
         stride_osm,
+        out_special_period,
+        out_special_count,
         A_KIND: tl.constexpr,  # 0 float (bf16/fp16), 1 int8, 2 fp8 e4m3
         W_INT4: tl.constexpr,
         A_SCALE: tl.constexpr,  # 0 none, 1 per row, 2 per row and K group
@@ -121,6 +129,8 @@ if has_triton():
         OUT_HADAMARD: tl.constexpr,  # rotate each row's BLOCK_N-column tile by H / sqrt(BLOCK_N) before the store
         OUT_QUANT: tl.constexpr,  # 0 float out, 1 int8 codes, 2 fp8 codes (+ scale per row and N tile)
         OUT_QMAX: tl.constexpr,
+        OUT_SPECIAL: tl.constexpr,  # rows m % out_special_period < out_special_count quantized with SPECIAL_QMAX
+        SPECIAL_QMAX: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -131,7 +141,8 @@ if has_triton():
 
         Contract: A [M, K] and W [N, K] (int4: [N, K/2] uint8, K a multiple of BLOCK_K) with unit stride along K;
         scales float32 with unit stride along their last dim; bias/gamma [N] contiguous; residual and out
-        [M, N] with unit stride along N; out_scale [M, cdiv(N, BLOCK_N)] float32.
+        [M, N] with unit stride along N; out_scale [M, cdiv(N, BLOCK_N)] float32; OUT_SPECIAL needs
+        out_special_period > 0.
         """
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -237,9 +248,15 @@ if has_triton():
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1)
-            scale = tl.maximum(tl.math.div_rn(amax, OUT_QMAX), TINY)
+            if OUT_SPECIAL:  # camera/register tokens: the finer grid for their rows (global row index offs_m)
+                qmax = tl.where(offs_m % out_special_period < out_special_count, SPECIAL_QMAX, OUT_QMAX)
+                scale = tl.maximum(tl.math.div_rn(amax, qmax), TINY)
+                lim = qmax[:, None]
+            else:
+                scale = tl.maximum(tl.math.div_rn(amax, OUT_QMAX), TINY)
+                lim = OUT_QMAX
             v = tl.math.div_rn(y, scale[:, None])
-            v = tl.minimum(tl.maximum(v, -OUT_QMAX), OUT_QMAX)
+            v = tl.minimum(tl.maximum(v, -lim), lim)
             if OUT_QUANT == 2:
                 tl.store(out_ptrs, round_to_fp8_grid(v).to(tl.float8e4nv), mask=mask)
             else:
@@ -334,6 +351,8 @@ def scaled_gemm(
     out_dtype: torch.dtype = torch.bfloat16,
     out_quant: OutQuant | None = None,
     out_hadamard: bool = False,
+    out_special_period: int = 0,
+    out_special_count: int = 0,
     w_int4_k: int | None = None,
     tiles: GemmTiles | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -353,6 +372,9 @@ def scaled_gemm(
         out_hadamard: rotate the output by the block Hadamard of ``tiles.block_n`` channels (orthonormal) before
             storing or quantizing it: the next layer's online input rotation (``QuantLinear.input_hadamard``),
             fused. Needs N to be a multiple of block_n.
+        out_special_period, out_special_count: ints with 0 <= count <= period (only with ``out_quant``): output
+            rows m with m % period < count (VGGT's camera/register tokens) are quantized on the int8 grid when
+            out_quant is "int4"; "int8" / "fp8_e4m3" ignore them. 0, 0: none.
         w_int4_k: K when ``w`` is int4-packed.
         tiles: tile configuration (``default_tiles(a.dtype)`` by default).
 
@@ -396,6 +418,11 @@ def scaled_gemm(
             raise ValueError(f"{name} must have shape {shape} on {a.device}, got {tuple(t.shape)} on {t.device}")
     if out_quant not in (None, *_OUT_QMAX):
         raise ValueError(f"out_quant must be None, 'int8', 'fp8_e4m3' or 'int4', got {out_quant!r}")
+    check_special_rows(out_special_period, out_special_count, "out_special")
+    if out_special_count and out_quant is None:
+        raise ValueError(
+            "out_special_period / out_special_count choose the grid of quantized output rows: pass out_quant"
+        )
     if out_hadamard and n % tiles.block_n:
         raise ValueError(f"out_hadamard rotates blocks of {tiles.block_n} channels: N={n} is not a multiple")
     for name, t in (("a", a), ("w", w), ("residual", residual)):
@@ -409,7 +436,8 @@ def scaled_gemm(
         FALLBACK_CALLS["scaled_gemm"] += 1
         return scaled_gemm_ref(
             a, w, a_scale=a_scale, w_scale=w_scale, bias=bias, gelu=gelu, gamma=gamma, residual=residual,
-            out_dtype=out_dtype, out_quant=out_quant, out_hadamard=out_hadamard, w_int4_k=w_int4_k,
+            out_dtype=out_dtype, out_quant=out_quant, out_hadamard=out_hadamard,
+            out_special_period=out_special_period, out_special_count=out_special_count, w_int4_k=w_int4_k,
             block_k=tiles.block_k, block_n=tiles.block_n,
         )  # fmt: skip
     KERNEL_CALLS["scaled_gemm"] += 1
@@ -442,6 +470,8 @@ def scaled_gemm(
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
         out_scale.stride(0) if out_quant is not None else 0,
+        out_special_period,
+        out_special_count,
         A_KIND=a_kind,
         W_INT4=w_int4_k is not None,
         A_SCALE=a_mode,
@@ -454,6 +484,8 @@ def scaled_gemm(
         OUT_HADAMARD=out_hadamard,
         OUT_QUANT=0 if out_quant is None else (2 if out_quant == "fp8_e4m3" else 1),
         OUT_QMAX=_OUT_QMAX.get(out_quant, 1.0),
+        OUT_SPECIAL=out_quant in SPECIAL_ROW_FORMAT and out_special_period > 0 and out_special_count > 0,
+        SPECIAL_QMAX=_OUT_QMAX[SPECIAL_ROW_FORMAT.get(out_quant, "int8")],
         TINY=_TINY,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,

@@ -1,4 +1,4 @@
-"""Fused LayerNorm -> (block Hadamard) -> dynamic per-token quantization (int8 or fp8 e4m3) in one Triton kernel.
+"""Fused LayerNorm -> (block Hadamard) -> dynamic per-token quantization (int8, fp8 e4m3, int4 grid) in one kernel.
 
 Reads each row of ``x`` once and writes 1-byte codes plus one float32 scale per row, instead of LayerNorm writing
 a float32 activation that a separate quantization kernel reads back (the two-kernel recipe measured slower than
@@ -12,6 +12,12 @@ Walsh-Hadamard transform on the row in registers: log2(b) butterfly stages (a, b
 and i + h (h = 1, 2, ..., b / 2), the same stages in the same order as the twin's ``_fwht_last``, then one IEEE
 division by float32(sqrt(b)): the rotated row is bit-identical to the twin's. Each stage regroups the row as
 [BLOCK_K / 2h, 2, h] and splits the size-2 axis (``tl.split`` / ``tl.join``): no gathers, no matrix in memory.
+
+Special-token rows (``special_period`` P, ``special_count`` c; VGGT's camera + register tokens): row r is special
+iff ``r % P < c``, r the program's row of the flattened [M, K] input. With ``fmt="int4"`` a special row is quantized
+on the int8 grid (qmax 127 instead of 7) into the same int8 codes tensor, with its own scale: the GEMM that reads
+the codes is unchanged. P and c are runtime arguments (never specialised: a new image size does not recompile);
+only "special rows on or off" is a compile-time flag. "int8" and "fp8_e4m3" ignore them (already 8-bit).
 
 Shape legend:
     M        rows (tokens), one program each
@@ -37,7 +43,14 @@ import torch
 from torch import Tensor
 
 from qvggt.kernels import check_fallback_allowed, has_triton
-from qvggt.kernels.reference import TokenQuantFormat, layernorm_quant_ref, token_format, token_quant_ref
+from qvggt.kernels.reference import (
+    SPECIAL_ROW_FORMAT,
+    TokenQuantFormat,
+    check_special_rows,
+    layernorm_quant_ref,
+    token_format,
+    token_quant_ref,
+)
 
 __all__ = [
     "FALLBACK_CALLS",
@@ -79,7 +92,9 @@ if has_triton():
             y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BLOCK_K,))
         return y
 
-    @triton.jit
+    # Special-row arguments are plain runtime ints: no specialisation on their values (e.g. == 1, % 16), so every
+    # image size (P) reuses one compiled kernel.
+    @triton.jit(do_not_specialize=["special_period", "special_count"])
     def _layernorm_quant_kernel(
         x_ptr,
         w_ptr,
@@ -90,6 +105,8 @@ if has_triton():
         stride_qm,
         K,
         eps,
+        special_period,
+        special_count,
         HAS_W: tl.constexpr,
         HAS_B: tl.constexpr,
         APPLY_NORM: tl.constexpr,
@@ -97,6 +114,8 @@ if has_triton():
         HAD_NORM: tl.constexpr,  # sqrt(2^LOG2_HAD), rounded to float32 when it meets the row
         IS_FP8: tl.constexpr,
         QMAX: tl.constexpr,
+        SPECIAL: tl.constexpr,  # rows m % special_period < special_count use SPECIAL_QMAX (special_period > 0)
+        SPECIAL_QMAX: tl.constexpr,
         TINY: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -107,6 +126,7 @@ if has_triton():
         BLOCK_K a power of two >= K. APPLY_NORM=False skips the LayerNorm (plain per-token quantization).
         LOG2_HAD > 0 rotates each block of 2^LOG2_HAD channels (a power of two dividing K) by the orthonormal
         Hadamard before quantizing; padded lanes >= K hold zeros and form whole blocks of their own.
+        SPECIAL: row m is quantized with SPECIAL_QMAX instead of QMAX when m % special_period < special_count.
         """
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
@@ -126,10 +146,14 @@ if has_triton():
             y = x
         if LOG2_HAD > 0:
             y = tl.math.div_rn(_fwht_blocks(y, BLOCK_K, LOG2_HAD), HAD_NORM)
+        if SPECIAL:  # a camera/register token: the finer grid, chosen per row at run time
+            qmax = tl.where(row % special_period < special_count, SPECIAL_QMAX, QMAX)
+        else:
+            qmax = QMAX
         amax = tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0)
-        scale = tl.maximum(tl.math.div_rn(amax, QMAX), TINY)
+        scale = tl.maximum(tl.math.div_rn(amax, qmax), TINY)
         v = tl.math.div_rn(y, scale)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)  # saturate first; rounding commutes with integer/448 bounds
+        v = tl.minimum(tl.maximum(v, -qmax), qmax)  # saturate first; rounding commutes with integer/448 bounds
         if IS_FP8:
             tl.store(q_ptr + row * stride_qm + offs, round_to_fp8_grid(v).to(tl.float8e4nv), mask=mask)
         else:
@@ -160,7 +184,9 @@ def check_hadamard_block(hadamard: Any, k: int) -> int:
     return hadamard
 
 
-def _check_inputs(x: Any, weight: Any, bias: Any, fmt: str, hadamard: Any = 0) -> int:
+def _check_inputs(
+    x: Any, weight: Any, bias: Any, fmt: str, hadamard: Any = 0, special_period: Any = 0, special_count: Any = 0
+) -> int:
     """Validate the launcher arguments; returns K."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -184,6 +210,7 @@ def _check_inputs(x: Any, weight: Any, bias: Any, fmt: str, hadamard: Any = 0) -
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     token_format(fmt)  # raises on an unknown fmt
     check_hadamard_block(hadamard, k)
+    check_special_rows(special_period, special_count)
     return k
 
 
@@ -192,10 +219,19 @@ def _use_kernel(x: Tensor, k: int) -> bool:
 
 
 def _launch(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, fmt: str, apply_norm: bool, hadamard: int
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    fmt: str,
+    apply_norm: bool,
+    hadamard: int,
+    special: tuple[int, int],
 ) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     qf = token_format(fmt)
+    period, count = special
+    has_special = fmt in SPECIAL_ROW_FORMAT and period > 0 and count > 0
     q = torch.empty((m, k), dtype=qf.storage_dtype, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     w = weight.contiguous() if weight is not None else x  # dummy pointer, never read (HAS_W=False)
@@ -211,6 +247,8 @@ def _launch(
         q.stride(0),
         k,
         float(eps),
+        period,
+        count,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         APPLY_NORM=apply_norm,
@@ -218,6 +256,8 @@ def _launch(
         HAD_NORM=math.sqrt(hadamard) if hadamard else 1.0,
         IS_FP8=qf.is_float,
         QMAX=float(qf.qmax),
+        SPECIAL=has_special,
+        SPECIAL_QMAX=float(token_format(SPECIAL_ROW_FORMAT.get(fmt, fmt)).qmax),
         TINY=_TINY,
         BLOCK_K=block_k,
         num_warps=4 if block_k <= 1024 else 8,
@@ -232,6 +272,8 @@ def layernorm_quant(
     eps: float = 1e-5,
     fmt: TokenQuantFormat = "int8",
     hadamard: int = 0,
+    special_period: int = 0,
+    special_count: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Fused ``LayerNorm(x)`` (float32 math), optional block Hadamard, then dynamic symmetric per-token quantization.
 
@@ -244,9 +286,12 @@ def layernorm_quant(
         x: [M, K] float32, bfloat16 or float16, contiguous.
         weight, bias: [K] LayerNorm affine (any float dtype, read as float32), or None.
         eps: LayerNorm epsilon (VGGT uses 1e-6 in its blocks).
-        fmt: "int8" (codes in [-127, 127]) or "fp8_e4m3" (values in [-448, 448]).
+        fmt: "int8" (codes in [-127, 127]), "fp8_e4m3" (values in [-448, 448]) or "int4" (codes in [-7, 7],
+            int8 storage).
         hadamard: 0, or b: rotate each block of b channels of the normalized row by H_b / sqrt(b) before
             quantizing (``QuantLinear.input_hadamard``); b a power of two >= 2 dividing K.
+        special_period, special_count: ints with 0 <= count <= period; rows m with m % period < count are
+            special-token rows, quantized on the int8 grid when fmt is "int4" (module docstring). 0, 0: none.
 
     Returns:
         q: [M, K] int8 or float8_e4m3fn; scale: [M, 1] float32;
@@ -254,31 +299,35 @@ def layernorm_quant(
 
     Raises:
         TypeError / ValueError: on a non-tensor, non-2-D, empty, non-contiguous or non-float x, a weight or bias
-            not of shape [K] or on another device, an unknown fmt, or a rotation block that does not fit K.
+            not of shape [K] or on another device, an unknown fmt, a rotation block that does not fit K, or
+            special-row arguments that are not ints with 0 <= count <= period.
     """
-    k = _check_inputs(x, weight, bias, fmt, hadamard)
+    k = _check_inputs(x, weight, bias, fmt, hadamard, special_period, special_count)
     name = "layernorm_hadamard_quant" if hadamard else "layernorm_quant"
     if not _use_kernel(x, k):
         check_fallback_allowed(name, x)
         FALLBACK_CALLS[name] += 1
-        return layernorm_quant_ref(x, weight, bias, eps, fmt, hadamard)
+        return layernorm_quant_ref(x, weight, bias, eps, fmt, hadamard, special_period, special_count)
     KERNEL_CALLS[name] += 1
-    return _launch(x, weight, bias, eps, fmt, apply_norm=True, hadamard=hadamard)
+    return _launch(x, weight, bias, eps, fmt, True, hadamard, (special_period, special_count))
 
 
-def token_quant(x: Tensor, fmt: TokenQuantFormat = "int8", hadamard: int = 0) -> tuple[Tensor, Tensor]:
+def token_quant(
+    x: Tensor, fmt: TokenQuantFormat = "int8", hadamard: int = 0, special_period: int = 0, special_count: int = 0
+) -> tuple[Tensor, Tensor]:
     """Dynamic symmetric per-token quantization of x [M, K] (the same kernel without the LayerNorm), after an
-    optional block Hadamard of ``hadamard`` channels (the online input rotation of proj or fc2).
+    optional block Hadamard of ``hadamard`` channels (the online input rotation of proj or fc2), with the same
+    special-token rows.
 
     Same paths, counters (key ``"token_quant"``, or ``"token_hadamard_quant"`` with a rotation), arguments and
     returns as ``layernorm_quant``; twin ``token_quant_ref``. Bit-exact with the twin, so it also pins down the
     rotation and quantization stages of ``layernorm_quant``.
     """
-    k = _check_inputs(x, None, None, fmt, hadamard)
+    k = _check_inputs(x, None, None, fmt, hadamard, special_period, special_count)
     name = "token_hadamard_quant" if hadamard else "token_quant"
     if not _use_kernel(x, k):
         check_fallback_allowed(name, x)
         FALLBACK_CALLS[name] += 1
-        return token_quant_ref(x, fmt, hadamard)
+        return token_quant_ref(x, fmt, hadamard, special_period, special_count)
     KERNEL_CALLS[name] += 1
-    return _launch(x, None, None, 0.0, fmt, apply_norm=False, hadamard=hadamard)
+    return _launch(x, None, None, 0.0, fmt, False, hadamard, (special_period, special_count))

@@ -4,6 +4,11 @@ Every twin reuses ``qvggt.quant.quantizer`` so kernels inherit exactly the proje
 symmetric int8 on the restricted range [-127, 127] with round half to even, fp8 e4m3 saturated to +-448 before
 the cast to ``torch.float8_e4m3fn``, per-token scale ``absmax / qmax`` floored at ``finfo(float32).tiny``.
 
+Special-token rows (``special_period`` P, ``special_count`` c): row r of the flattened [M, K] activation is special
+iff ``r % P < c`` (VGGT's camera + register tokens: c = 5 at the start of each frame's P tokens, in frame and global
+blocks alike). With the "int4" format those rows are quantized on the int8 grid (qmax 127) with their own per-token
+scales, into the same int8 codes tensor; the "int8" and "fp8_e4m3" formats ignore them (already 8-bit).
+
 Shape legend:
     M  rows (tokens; VGGT's [B, S, P, C] activations flattened to [B*S*P, C])
     K  row width (channels; 1024 for VGGT-1B, 64/128 for the tiny presets)
@@ -11,7 +16,7 @@ Shape legend:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +27,15 @@ from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.quantizer import compute_scales, quantize
 
 __all__ = [
+    "SPECIAL_ROW_FORMAT",
     "TokenQuantFormat",
+    "check_special_rows",
     "dequant_ref",
     "layernorm_quant_ref",
     "qk_norm_rope_ref",
     "rope_inv_freq",
     "scaled_gemm_ref",
+    "special_row_mask",
     "token_format",
     "token_quant_ref",
 ]
@@ -36,6 +44,8 @@ TokenQuantFormat = Literal["int8", "fp8_e4m3", "int4"]
 # name -> (kind, bits). "int4" codes live in int8 storage ([-7, 7]): Hopper has no int4 tensor cores, so W4A4
 # activations are quantized to the 4-bit grid and multiplied on the int8 units.
 _KINDS = {"int8": ("int", 8), "fp8_e4m3": ("fp8_e4m3", 8), "int4": ("int", 4)}
+# Format of the special-token rows, per row format: only the int4 grid has a finer grid in the same int8 codes.
+SPECIAL_ROW_FORMAT: dict[str, str] = {"int4": "int8"}
 
 
 def token_format(fmt: str) -> QuantFormat:
@@ -46,22 +56,75 @@ def token_format(fmt: str) -> QuantFormat:
     return QuantFormat(kind=kind, bits=bits, symmetric=True, granularity="token")
 
 
-def token_quant_ref(x: Tensor, fmt: TokenQuantFormat, hadamard: int = 0) -> tuple[Tensor, Tensor]:
+def check_special_rows(period: Any, count: Any, what: str = "special") -> tuple[int, int]:
+    """Validate special-token row arguments: ints (not bools) with ``0 <= count <= period``; returns them.
+
+    ``period = 0`` (tokens per frame unknown) therefore needs ``count = 0``: a layer with special rows and no
+    period is an error, never silently quantized as patch rows. ``what`` prefixes the argument names in messages.
+    """
+    for name, v in ((f"{what}_period", period), (f"{what}_count", count)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if count > period:
+        raise ValueError(
+            f"{what}_count={count} exceeds {what}_period={period}: rows r with r % period < count are special, so "
+            "count must be <= period (period = tokens per frame; 0 with count 0: no special rows)"
+        )
+    return period, count
+
+
+def special_row_mask(rows: int, period: int, count: int, device: torch.device | str | None = None) -> Tensor:
+    """Bool [rows]: True for the special rows ``r % period < count`` (all False when period or count is 0)."""
+    period, count = check_special_rows(period, count)
+    if not (period and count):
+        return torch.zeros(rows, dtype=torch.bool, device=device)
+    return torch.arange(rows, device=device) % period < count
+
+
+def _special_rows(rows: int, period: int, count: int, fmt: str, device: torch.device) -> Tensor | None:
+    """The special-row mask where it changes anything (``fmt`` has a special-row format, period and count > 0)."""
+    period, count = check_special_rows(period, count)
+    if not (period and count) or fmt not in SPECIAL_ROW_FORMAT:
+        return None
+    return special_row_mask(rows, period, count, device)
+
+
+def _quant_rows(x32: Tensor, fmt: TokenQuantFormat, special: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per-row quantization of x32 [R, K] with ``fmt``; rows flagged in ``special`` [R] with the format's special-row
+    format (``SPECIAL_ROW_FORMAT``), if it has one. Rows are independent, so each row's codes and scale are exactly
+    those of ``compute_scales`` / ``quantize`` on that row alone."""
+    qf = token_format(fmt)
+    scale, _ = compute_scales(x32, qf)
+    q = quantize(x32, qf, scale)
+    if special is not None and bool(special.any()):
+        sf = token_format(SPECIAL_ROW_FORMAT[fmt])
+        rows = x32[special]
+        s_scale, _ = compute_scales(rows, sf)
+        q[special] = quantize(rows, sf, s_scale)
+        scale[special] = s_scale
+    return q, scale
+
+
+def token_quant_ref(
+    x: Tensor, fmt: TokenQuantFormat, hadamard: int = 0, special_period: int = 0, special_count: int = 0
+) -> tuple[Tensor, Tensor]:
     """Dynamic per-token quantization of ``x`` [M, K]: twin of ``token_quant`` (no normalization).
 
     ``hadamard=b`` (b a power of two dividing K) first rotates each block of b channels by the orthonormal
     Hadamard in float32 (``block_hadamard_transform``, as ``QuantLinear.input_hadamard`` does).
+    ``special_period`` / ``special_count``: rows ``r % period < count`` of an "int4" x are quantized on the int8
+    grid (module docstring); other formats ignore them.
 
     Returns:
-        q: [M, K] int8 codes in [-127, 127] or float8_e4m3fn values in [-448, 448].
+        q: [M, K] int8 codes in [-127, 127] ([-7, 7] for "int4" rows that are not special) or float8_e4m3fn values
+            in [-448, 448].
         scale: [M, 1] float32, ``max(absmax(row) / qmax, finfo(float32).tiny)``; ``x ~= q * scale``.
     """
-    qf = token_format(fmt)
     x32 = x.float()
+    special = _special_rows(x.shape[0], special_period, special_count, fmt, x.device)
     if hadamard:
         x32 = block_hadamard_transform(x32, hadamard)
-    scale, _ = compute_scales(x32, qf)
-    return quantize(x32, qf, scale), scale
+    return _quant_rows(x32, fmt, special)
 
 
 def layernorm_quant_ref(
@@ -71,6 +134,8 @@ def layernorm_quant_ref(
     eps: float,
     fmt: TokenQuantFormat,
     hadamard: int = 0,
+    special_period: int = 0,
+    special_count: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """LayerNorm over the last dim (in float32), an optional block Hadamard, then dynamic per-token quantization:
     twin of ``layernorm_quant``.
@@ -79,8 +144,9 @@ def layernorm_quant_ref(
         x: [M, K] float32, bfloat16 or float16.
         weight, bias: [K] LayerNorm affine (any float dtype, used in float32), or None.
         eps: LayerNorm epsilon.
-        fmt: "int8" or "fp8_e4m3".
+        fmt: "int8", "fp8_e4m3" or "int4".
         hadamard: 0, or the block b of the online rotation (``block_hadamard_transform(y, b)`` in float32).
+        special_period, special_count: special-token rows (int8 grid for "int4"; see ``token_quant_ref``).
 
     Returns:
         q: [M, K] int8 or float8_e4m3fn; scale: [M, 1] float32. ``dequant_ref(q, scale)`` equals
@@ -91,7 +157,7 @@ def layernorm_quant_ref(
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
     y = F.layer_norm(x.float(), (k,), w, b, eps)
-    return token_quant_ref(y, fmt, hadamard)
+    return token_quant_ref(y, fmt, hadamard, special_period, special_count)
 
 
 def dequant_ref(q: Tensor, scale: Tensor) -> Tensor:
@@ -122,6 +188,8 @@ def scaled_gemm_ref(
     out_dtype: torch.dtype = torch.bfloat16,
     out_quant: TokenQuantFormat | None = None,
     out_hadamard: bool = False,
+    out_special_period: int = 0,
+    out_special_count: int = 0,
     w_int4_k: int | None = None,
     block_k: int = 128,
     block_n: int = 128,
@@ -129,7 +197,9 @@ def scaled_gemm_ref(
     """Twin of ``qvggt.kernels.gemm.scaled_gemm`` (same arguments; ``block_k`` / ``block_n`` are the kernel's
     K-group and output-tile widths): dequantize both operands in float32, multiply, apply the epilogue in float32.
 
-    With ``out_quant`` the output is quantized per row and per ``block_n`` columns, as the kernel does.
+    With ``out_quant`` the output is quantized per row and per ``block_n`` columns, as the kernel does; with
+    ``out_quant="int4"``, every tile of a special row (``r % out_special_period < out_special_count``) on the int8
+    grid.
     """
     from qvggt.kernels.gemm import unpack_int4_blocked  # the packing helpers need no triton
 
@@ -154,7 +224,8 @@ def scaled_gemm_ref(
     m, n = y.shape
     tiles = -(-n // block_n)
     padded = F.pad(y, (0, tiles * block_n - n)).view(m * tiles, block_n)
-    q, scale = token_quant_ref(padded, out_quant)
+    special = _special_rows(m, out_special_period, out_special_count, out_quant, y.device)
+    q, scale = _quant_rows(padded, out_quant, None if special is None else special.repeat_interleave(tiles))
     return q.view(m, tiles * block_n)[:, :n].contiguous(), scale.view(m, tiles)
 
 

@@ -171,6 +171,38 @@ def test_graph_replay_equals_eager_on_gpu(tiny_model) -> None:
     torch.testing.assert_close(first["depth"], eager(images[0])["depth"], rtol=1e-3, atol=1e-3)  # not overwritten
 
 
+@pytest.mark.cuda
+def test_graph_replay_with_special_rows_on_gpu(tiny_model) -> None:
+    """W4A4 with 8-bit special-token rows (quantvggt's camera/register tokens): the tokens per frame P reach the
+    kernels as plain arguments, so a graph records the P of its capture; keyed by input shape, which fixes P, each
+    shape's replays must equal the eager engine's output."""
+    from qvggt.quant.api import quantize_
+    from qvggt.quant.config import RTNConfig, weight_activation_formats
+    from qvggt.quant.linear import QuantLinear
+    from qvggt.quant.special_tokens import install_token_period_hook
+
+    q = copy.deepcopy(tiny_model)
+    w, a = weight_activation_formats(4, 4)
+    quantize_(q, RTNConfig(weight=w, activation=a))
+    for name, m in q.named_modules():
+        if isinstance(m, QuantLinear) and (".frame_blocks." in name or ".global_blocks." in name):
+            m.set_special_rows(5, _fmt("int8-sym-token"))
+    eager_model = copy.deepcopy(q)
+    for model in (q, eager_model):
+        install_token_period_hook(model)
+    eager = build_engine(eager_model, EngineOptions(cuda_graphs=False)).cuda()
+    graphed = build_engine(q).cuda()
+    assert any(b.fc1.special_tokens == 5 for b in graphed.fused_blocks())
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 2, 3, h, w, generator=gen).cuda() for h, w in ((56, 84), (42, 56), (56, 84))]
+    for x in images:  # P = 5 + 24, then 5 + 12, then the first shape's graph again
+        out, want = graphed(x), eager(x)
+        for k in ("depth", "pose_enc"):
+            torch.testing.assert_close(out[k], want[k], rtol=1e-3, atol=1e-3)
+    stats = graphed.graph_stats()
+    assert not stats.fallbacks and stats.captures == 2 and stats.replays == 3
+
+
 def _fmt(name: str):
     from qvggt.quant.formats import parse_format
 

@@ -32,7 +32,8 @@ import qvggt.kernels.layernorm_quant as L
 import qvggt.kernels.qk_rope as R
 
 TINY = torch.finfo(torch.float32).tiny
-INTS = ["M", "N", "K", "stride_am", "stride_wn", "stride_asm", "stride_wsn", "stride_rm", "stride_om", "stride_osm"]
+INTS = ["M", "N", "K", "stride_am", "stride_wn", "stride_asm", "stride_wsn", "stride_rm", "stride_om", "stride_osm",
+        "out_special_period", "out_special_count"]
 PTRS = ["a_ptr", "w_ptr", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "gamma_ptr", "res_ptr", "out_ptr", "out_scale_ptr",
         "had_ptr"]
 out = {}
@@ -45,7 +46,7 @@ def gemm(name, a, w, o, a_kind, int4, a_scale, w_scale, **epi):
     sig.update({n: "i32" for n in INTS})
     const = dict(A_KIND=a_kind, W_INT4=int4, A_SCALE=a_scale, W_SCALE=w_scale, GROUPED=2 in (a_scale, w_scale),
                  HAS_BIAS=True, GELU=False, HAS_GAMMA=False, HAS_RES=False, OUT_HADAMARD=False, OUT_QUANT=0,
-                 OUT_QMAX=448.0, TINY=TINY,
+                 OUT_QMAX=448.0, OUT_SPECIAL=False, SPECIAL_QMAX=127.0, TINY=TINY,
                  BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m)
     const.update(epi)
     aligned = PTRS + ["K", "N", "stride_am", "stride_wn", "stride_rm", "stride_om"]
@@ -67,14 +68,19 @@ gemm("fp8 fc1 -> hadamard -> fp8", "fp8e4nv", "fp8e4nv", "fp8e4nv", 2, False, 1,
      OUT_QUANT=2)
 gemm("w4a8-int8 fc1 -> hadamard -> int8", "i8", "u8", "i8", 1, True, 1, 1, GELU=True, OUT_HADAMARD=True, OUT_QUANT=1,
      OUT_QMAX=127.0)
+# W4A4 with special-token rows (quantvggt): fc2's input on the int4 grid, camera/register rows on the int8 grid.
+gemm("w4a4 fc1 -> hadamard -> int4 + special rows", "i8", "u8", "i8", 1, True, 1, 1, GELU=True, OUT_HADAMARD=True,
+     OUT_QUANT=1, OUT_QMAX=7.0, OUT_SPECIAL=True)
 
 sig = {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-       "stride_xm": "i32", "stride_qm": "i32", "K": "i32", "eps": "fp32"}
+       "stride_xm": "i32", "stride_qm": "i32", "K": "i32", "eps": "fp32", "special_period": "i32",
+       "special_count": "i32"}
 
-def lnq(name, fp8, norm=True, had=0, block_k=1024):
+def lnq(name, fp8, norm=True, had=0, block_k=1024, special=False):
     s = dict(sig, q_ptr="*fp8e4nv" if fp8 else "*i8")
     const = dict(HAS_W=norm, HAS_B=norm, APPLY_NORM=norm, LOG2_HAD=had.bit_length() - 1 if had else 0,
-                 HAD_NORM=had**0.5 if had else 1.0, IS_FP8=fp8, QMAX=448.0 if fp8 else 127.0, TINY=TINY,
+                 HAD_NORM=had**0.5 if had else 1.0, IS_FP8=fp8,
+                 QMAX=448.0 if fp8 else (7.0 if special else 127.0), SPECIAL=special, SPECIAL_QMAX=127.0, TINY=TINY,
                  BLOCK_K=block_k)
     r = compile_for_hopper(L._layernorm_quant_kernel, s, const, ["x_ptr", "q_ptr", "stride_xm", "stride_qm"],
                            4 if block_k <= 1024 else 8)  # the launcher's choice
@@ -91,6 +97,9 @@ lnq("layernorm_hadamard_quant fp8 b128 (small, K=128)", True, had=128, block_k=1
 lnq("layernorm_hadamard_quant int8 b64 (tiny, K=64)", False, had=64, block_k=64)
 lnq("token_hadamard_quant fp8 b4096 (fc2)", True, norm=False, had=4096, block_k=4096)
 lnq("token_hadamard_quant int8 b1024 (proj)", False, norm=False, had=1024)
+# W4A4 with special-token rows: int4 grid, camera/register rows on the int8 grid (qkv / fc1 and proj inputs).
+lnq("layernorm_hadamard_quant int4 b1024 + special rows", False, had=1024, special=True)
+lnq("token_quant int4 + special rows", False, norm=False, special=True)
 
 sig = {n: "*bf16" for n in ("qkv_ptr", "q_ptr", "k_ptr", "v_ptr")}
 sig.update({"yx_ptr": "*i64", "inv_freq_ptr": "*fp32", "qw_ptr": "*fp32", "qb_ptr": "*fp32", "kw_ptr": "*fp32",
@@ -129,6 +138,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         ("w4a8-int8 group128", "s8.s8"),
         ("fp8 fc1 -> hadamard -> fp8", "e4m3.e4m3"),
         ("w4a8-int8 fc1 -> hadamard -> int8", "s8.s8"),
+        ("w4a4 fc1 -> hadamard -> int4 + special rows", "s8.s8"),
     ],
 )
 def test_gemm_variants_use_wgmma_fit_and_do_not_spill(reports: dict[str, dict], variant: str, dot: str) -> None:
@@ -149,10 +159,20 @@ ROTATION_VARIANTS = [
     "layernorm_hadamard_quant int8 b64 (tiny, K=64)",
     "token_hadamard_quant fp8 b4096 (fc2)",
     "token_hadamard_quant int8 b1024 (proj)",
+    "layernorm_hadamard_quant int4 b1024 + special rows",
 ]
 
 
-@pytest.mark.parametrize("variant", ["layernorm_quant fp8", "layernorm_quant int8", "qk_norm_rope", *ROTATION_VARIANTS])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "layernorm_quant fp8",
+        "layernorm_quant int8",
+        "token_quant int4 + special rows",
+        "qk_norm_rope",
+        *ROTATION_VARIANTS,
+    ],
+)
 def test_elementwise_kernels_compile_without_spills(reports: dict[str, dict], variant: str) -> None:
     r = reports[variant]
     assert r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 and not r["wgmma"]

@@ -222,3 +222,32 @@ def test_engine_runs_a_rotated_checkpoint_on_gpu() -> None:
     assert counts["kernel"]["layernorm_hadamard_quant"] == 16 and counts["kernel"]["token_hadamard_quant"] == 16
     assert sum(counts["fallback"].values()) == 0
     assert _rel(out["depth"].cpu(), cpu["depth"]) < 0.02 and _rel(out["pose_enc"].cpu(), cpu["pose_enc"]) < 0.05
+
+
+@pytest.mark.parametrize("period", [1041, 7])  # vggt-1b at 518 x 392: 5 + 37 * 28 tokens per frame; a short one
+def test_special_rows_on_gpu_match_twins(period: int) -> None:
+    """Special-token rows (camera/register tokens on the int8 grid in int4 activations) as compiled for the GPU:
+    LayerNorm -> Hadamard -> quant and token quant bit-exact up to LayerNorm ulps, fc1's epilogue per row tile."""
+    gen = torch.Generator(device="cuda").manual_seed(period)
+    m, k = 3 * period + 11, 1024
+    x = (torch.randn(m, k, device="cuda", generator=gen) * 3).bfloat16()
+    x[:, 17] += 200.0 * (torch.arange(m, device="cuda") % period < 5)  # the special tokens' massive channel
+    w, bias = torch.rand(k, device="cuda", generator=gen), torch.randn(k, device="cuda", generator=gen)
+    q, s = layernorm_quant.layernorm_quant(x, w, bias, 1e-6, "int4", 1024, period, 5)
+    qr, sr = layernorm_quant_ref(x, w, bias, 1e-6, "int4", 1024, period, 5)
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    assert (q != qr).float().mean() < 1e-3
+    special = torch.arange(m, device="cuda") % period < 5
+    assert bool((q[special].abs().amax(1) == 127).all()) and int(q[~special].abs().max()) <= 7
+    q, s = layernorm_quant.token_quant(x, "int4", 0, period, 5)
+    qr, sr = token_quant_ref(x, "int4", 0, period, 5)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    a, sa = token_quant_ref(x, "int8")
+    wq, sw = token_quant_ref(torch.randn(4096, k, device="cuda", generator=gen), "int8")
+    kw = {"a_scale": sa, "w_scale": sw, "gelu": True, "out_quant": "int4", "out_hadamard": True,
+          "out_special_period": period, "out_special_count": 5}  # fmt: skip
+    f, fs = gemm.scaled_gemm(a, wq, **kw)
+    fr, fsr = scaled_gemm_ref(a, wq, **kw)
+    torch.testing.assert_close(fs, fsr, rtol=1e-5, atol=0)
+    assert (f != fr).float().mean() < 0.01
+    assert bool((f[special].abs().amax(1) > 7).all()) and int(f[~special].abs().max()) <= 7
