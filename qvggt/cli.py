@@ -168,12 +168,14 @@ def quantize(
         list[str] | None,
         typer.Option(help="Any field of the method's config as KEY=VALUE (YAML value; repeat), e.g. gptq=true."),
     ] = None,
+    device: Annotated[str, typer.Option(help="Where to calibrate and quantize: cpu or cuda.")] = "cpu",
 ) -> None:
     """Quantize a model and write a packed checkpoint (model.safetensors + model.json manifest)."""
     from qvggt.config import load_config
     from qvggt.quant.command import parse_options, reconstruction_options, run_quantize
 
     try:
+        _check_device(device)
         data = load_config(params).data
         options = {
             **parse_options(option or []),
@@ -181,7 +183,7 @@ def quantize(
         }
         result = run_quantize(
             method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
-            calib_manifest=calib_manifest, options=options,
+            calib_manifest=calib_manifest, options=options, device=device,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
@@ -193,7 +195,10 @@ def quantize(
         f"| {s.num_layers} | {formats} | {s.weight_bytes_before / 1e6:.2f} | {s.weight_bytes_after / 1e6:.2f} "
         f"| {s.compression:.2f}x |"
     )
-    typer.echo(f"written: {result.path}")
+    peak = (
+        "" if result.peak_device_bytes is None else f", peak {device} memory {result.peak_device_bytes / 2**30:.2f} GiB"
+    )
+    typer.echo(f"written: {result.path} ({result.seconds:.1f} s{peak})")
 
 
 @app.command()

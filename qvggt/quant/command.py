@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ class QuantizeResult:
     path: Path
     summary: QuantSummary
     num_calibration_samples: int
+    seconds: float = 0.0  # wall time of load + calibration + quantization + export
+    peak_device_bytes: int | None = None  # torch.cuda.max_memory_allocated on a CUDA device, else None
 
 
 def _config_class(method: str) -> type[QuantConfig]:
@@ -144,6 +147,7 @@ def run_quantize(
     data: DataConfig | None = None,
     calib_manifest: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
 ) -> QuantizeResult:
     """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON).
 
@@ -153,6 +157,8 @@ def run_quantize(
     views each. The checkpoint's manifest records the sample ids and the calibration manifest's sha256. A data-free
     method (``rtn``) ignores ``calib_manifest`` and records no calibration, so one pipeline setting serves every
     method. ``options``: extra fields of the method's config (``make_config``), e.g. ``{"gptq": True}``.
+    ``device``: where the model calibrates and quantizes ("cpu", "cuda", "cuda:1"); the checkpoint is written from
+    the CPU either way, and on CUDA the result reports the peak allocated device memory.
 
     Raises:
         ValueError: unknown method or coverage, impossible formats, or a calibration manifest that is not one,
@@ -165,7 +171,13 @@ def run_quantize(
     if calib_manifest is not None and not Path(calib_manifest).is_file():
         # Checked before the model loads: a typo must not cost a model load (or silently fall back to scenes).
         raise FileNotFoundError(f"calibration manifest not found: {calib_manifest} (write one with qvggt calibrate)")
-    model = load_vggt(checkpoint)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but no CUDA GPU is visible to torch: use device='cpu'")
+    start = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = load_vggt(checkpoint, device=dev)
     batches: list[torch.Tensor] = []
     ids: list[str] = []
     manifest_sha: str | None = None
@@ -175,7 +187,7 @@ def run_quantize(
         else:
             hw = model.cfg.default_image_hw
             batches, ids = calibration_batches(data or DataConfig(), calib_scenes, calib_frames, hw)
-    quantize_(model, config, calibration_data=batches or None)
+    quantize_(model, config, calibration_data=[b.to(dev) for b in batches] or None)
     path = save_quantized(
         model,
         config,
@@ -184,4 +196,5 @@ def run_quantize(
         calibration_ids=ids,
         calibration_manifest_sha256=manifest_sha,
     )
-    return QuantizeResult(path, quantization_summary(model), len(ids))
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    return QuantizeResult(path, quantization_summary(model), len(ids), time.perf_counter() - start, peak)

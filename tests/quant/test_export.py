@@ -94,6 +94,19 @@ def test_quantize_cli_options_reach_the_method(tiny_ckpt: Path, tmp_path: Path) 
     assert rows == {"8": 32, "null": 0}
 
 
+def test_quantize_cli_on_cuda_reports_peak_memory_or_says_there_is_no_gpu(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cuda"
+    args = ["quantize", "--model", str(tiny_ckpt), "--method", "smoothquant", "--calib-scenes", "1"]
+    res = runner.invoke(app, [*args, "--device", "cuda", "--out", str(out)])
+    if torch.cuda.is_available():
+        assert res.exit_code == 0 and "peak cuda memory" in res.output, res.output
+    else:
+        assert res.exit_code == 1 and "no CUDA GPU" in res.output, res.output
+        assert not out.exists()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "cpu")])
+    assert res.exit_code == 0 and "peak" not in res.output and " s)" in res.output, res.output
+
+
 def test_float_checkpoint_is_not_a_quantized_one(tiny_ckpt: Path) -> None:
     with pytest.raises(ValueError, match="not a qvggt quantized checkpoint"):
         read_manifest(tiny_ckpt)

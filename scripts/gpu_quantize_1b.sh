@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue #6's GPU measurement: wall time and peak device memory of calibration + quantization of `vggt-1b` (name-seeded
+# weights: the compute of the released model, not its accuracy) with the default quantvggt W4A4 (NFDS-free: the
+# first 8 calibration-split scenes x 4 frames at the preset's 518x392; reconstruction within its 40 s budget).
+# Target: under 30 minutes and 16 GB. Run as its own device command after scripts/gpu_check.sh (about 3-5 minutes):
+#
+#   OUT=$OUT bash scripts/gpu_quantize_1b.sh
+#
+# Same environment as gpu_check.sh (pydantic and typer from .whl/ when missing). Writes $OUT/quantize_1b.log.
+set -uo pipefail
+OUT=${OUT:-runs/gpu_check}
+METHOD=${METHOD:-quantvggt}
+TIMEOUT=${TIMEOUT:-420}
+PRESET=${PRESET:-vggt-1b}  # PRESET=tiny DEVICE=cpu: a dry run of the script itself on any machine
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PY:-python3}
+if ! "$PY" -c "import pydantic, typer" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH" || { echo "pydantic/typer missing and no .whl/ wheels" >&2; exit 2; }
+fi
+CKPT=${CKPT:-/tmp/$PRESET-name-seeded.safetensors}
+if [ ! -f "$CKPT" ]; then
+    "$PY" - "$CKPT" "$PRESET" <<'PYEOF'
+import sys
+
+import torch
+
+from qvggt.model import build_model, get_preset, save_checkpoint
+from qvggt.model.init import fill_name_seeded_
+
+model = fill_name_seeded_(build_model(get_preset(sys.argv[2]), device="meta"))
+save_checkpoint(model, sys.argv[1], dtype=torch.float16)
+PYEOF
+fi
+timeout "$TIMEOUT" "$PY" -m qvggt.cli quantize --model "$CKPT" --method "$METHOD" --wbits 4 --abits 4 \
+    --device "$DEVICE" --out "$OUT/quantize_1b" 2>&1 | tee "$OUT/quantize_1b.log"
+exit "${PIPESTATUS[0]}"
