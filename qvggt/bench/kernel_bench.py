@@ -106,7 +106,8 @@ def _bench_shape(name: str, tokens: int, k: int, n: int, gen: torch.Generator) -
 
 
 def bench_layernorm(tokens: int, dim: int = 1024, seed: int = 0) -> list[dict]:
-    """Fused LayerNorm -> fp8/int8 per-token quantization vs ``F.layer_norm`` (bf16 in, bf16 out); GB/s moved."""
+    """Fused LayerNorm -> fp8/int8 per-token quantization (plain, with its Hadamard stage, with special-token rows)
+    vs ``F.layer_norm`` (bf16 in, bf16 out); GB/s moved."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.rand(dim, device="cuda", generator=gen)
@@ -116,6 +117,14 @@ def bench_layernorm(tokens: int, dim: int = 1024, seed: int = 0) -> list[dict]:
         ("F.layer_norm bf16", lambda: F.layer_norm(x, (dim,), w.bfloat16(), b.bfloat16(), 1e-6), 2),
         ("layernorm_quant fp8", lambda: layernorm_quant(x, w, b, 1e-6, "fp8_e4m3"), 1),
         ("layernorm_quant int8", lambda: layernorm_quant(x, w, b, 1e-6, "int8"), 1),
+        # The rotation stage (quarot / quantvggt+lnrot: full-width Hadamard in registers) and quantvggt W4A4's
+        # special-token rows (P = 1041 tokens per frame at 518x392): each should cost ~nothing on a memory-bound pass.
+        ("layernorm_quant int8 + Hadamard", lambda: layernorm_quant(x, w, b, 1e-6, "int8", hadamard=dim), 1),
+        (
+            "layernorm_quant int4 + special rows",
+            lambda: layernorm_quant(x, w, b, 1e-6, "int4", special_period=1041, special_count=5),
+            1,
+        ),
     ):
         ms = _median_ms(fn)
         moved = tokens * dim * (2 + out_bytes) + tokens * 4 * (out_bytes == 1)
