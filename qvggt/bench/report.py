@@ -108,6 +108,9 @@ def render_markdown(doc: dict) -> str:
         out += ["", "## LayerNorm -> quantization", "", "| kernel | M x K | ms | GB/s | % of copy bandwidth |",
                 "|---|---|---|---|---|"]  # fmt: skip
         for r in doc["layernorm"]:
+            if "error" in r:  # a variant that failed on the GPU: say so in the row
+                out.append(f"| {r['kernel']} | {r['M']}x{r['K']} | failed: {r['error'][:80]} | - | - |")
+                continue
             pct = 100 * r["gbps"] / bw if bw else None
             out.append(f"| {r['kernel']} | {r['M']}x{r['K']} | {r['ms']:.3f} | {r['gbps']:.0f} | {_f(pct, '.0f')} |")
     if doc.get("attention"):

@@ -90,3 +90,17 @@ def test_markdown_reports_speedup_and_memory_against_published() -> None:
     }  # fmt: skip
     md = render_markdown(doc)
     assert "| w8a8-fp8 | 32 | 300.0 | 106.7 | 2.50x | 5.00 | 0.25 | 1.30 | 1.00e-02 |" in md
+
+
+def test_markdown_keeps_a_failed_kernel_variant_as_a_row() -> None:
+    doc = {
+        "preset": "vggt-1b", "height": 392, "width": 518, "env": {"gpu": "H200"}, "models": [],
+        "ceilings": {"bf16_tflops": 700.0, "copy_gbps": 4000.0},
+        "layernorm": [
+            {"kernel": "layernorm_quant int8", "M": 33312, "K": 1024, "ms": 0.05, "gbps": 2000.0},
+            {"kernel": "layernorm_quant int4 + special rows", "M": 33312, "K": 1024, "error": "RuntimeError('x')"},
+        ],
+    }  # fmt: skip
+    md = render_markdown(doc)
+    assert "| layernorm_quant int8 | 33312x1024 | 0.050 | 2000 | 50 |" in md
+    assert "| layernorm_quant int4 + special rows | 33312x1024 | failed: RuntimeError('x') | - | - |" in md
