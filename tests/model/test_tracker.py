@@ -330,3 +330,17 @@ def test_packed_attention_matches_torch_multihead_attention(cross: bool) -> None
     ctx = torch.randn(3, 7, 32) if cross else x
     expected, _ = torch_mha(x, ctx, ctx, need_weights=False)
     torch.testing.assert_close(ours(x, ctx), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bilinear_sample_is_grid_sample_on_normalised_pixels(dtype: torch.dtype) -> None:
+    """Pixel (x, y) -> [-1, 1] with align_corners=True, built from Python scalars (no per-call host-to-device copy,
+    which CUDA-graph capture forbids): bit-identical to normalising with a scale tensor."""
+    from qvggt.model.heads.tracker import bilinear_sample
+
+    gen = torch.Generator().manual_seed(0)
+    field = torch.randn(3, 5, 17, 23, generator=gen, dtype=dtype)
+    coords = torch.rand(3, 7, 4, 2, generator=gen, dtype=dtype) * torch.tensor([22.0, 16.0], dtype=dtype)
+    grid = coords * torch.tensor([2 / 22, 2 / 16], dtype=dtype) - 1
+    ref = torch.nn.functional.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    assert torch.equal(bilinear_sample(field, coords), ref)

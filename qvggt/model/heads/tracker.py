@@ -55,9 +55,10 @@ def bilinear_sample(field: Tensor, coords: Tensor, padding_mode: str = "border")
     """
     coords = coords.detach().to(device=field.device, dtype=field.dtype)
     height, width = field.shape[-2:]
-    # Pixel -> [-1, 1]; a size-1 axis maps pixel 0 to -1 instead of dividing by zero.
-    scale = torch.tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)], device=coords.device, dtype=coords.dtype)
-    grid = coords * scale - 1
+    # Pixel -> [-1, 1]; a size-1 axis maps pixel 0 to -1 instead of dividing by zero. Python scalars, not a tensor
+    # built from a list: that would be a host-to-device copy per call, which CUDA-graph capture forbids.
+    sx, sy = 2 / max(width - 1, 1), 2 / max(height - 1, 1)
+    grid = torch.stack((coords[..., 0] * sx, coords[..., 1] * sy), dim=-1) - 1
     return F.grid_sample(field, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
