@@ -119,6 +119,8 @@ class TrainConfig(Section):
     frame_stride_end: int | None = Field(None, ge=1)
     # Learning-rate multiplier of the camera head and the aggregator's camera token.
     camera_lr_mult: float = Field(1.0, gt=0)
+    # Steps at the start trained on the camera loss alone (aggregator + camera head; dense heads skipped).
+    camera_only_steps: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     mlflow_tracking_uri: str | None = None
 

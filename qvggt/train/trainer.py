@@ -95,6 +95,14 @@ def param_groups(model: VGGT, cfg: TrainConfig) -> list[dict]:
     ]
 
 
+def camera_forward(model: VGGT, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Aggregator and camera head only (``pose_enc_list``): the camera-only warm-up skips the dense heads, which
+    cost most of a CPU step, and the camera head reads only the last aggregator layer."""
+    layers = model.aggregator(images, keep_layers=(model.cfg.depth - 1,))
+    with torch.autocast(images.device.type, enabled=False):  # heads in fp32, as VGGT.forward runs them
+        return {"pose_enc_list": model.camera_head(layers[-1].float(), model.cfg.camera_iterations)}
+
+
 @dataclass
 class TrainResult:
     model_path: Path
@@ -190,7 +198,7 @@ def train(
             batch = select_frames(batch, frames)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            preds = model(batch["images"])
+            preds = model(batch["images"]) if step >= cfg.camera_only_steps else camera_forward(model, batch["images"])
         losses = vggt_loss(preds, batch, weights)
         opt.zero_grad(set_to_none=True)
         losses["objective"].backward()
@@ -205,7 +213,8 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.3f}", frames_per_s=f"{fps:.1f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "frames_per_s": fps}
-            row.update({k: float(losses[k].detach()) for k in LOGGED if k in losses})
+            # Every column on every row (NaN for a loss not computed, e.g. dense losses in the camera-only warm-up).
+            row.update({k: float(losses[k].detach()) if k in losses else math.nan for k in LOGGED})
             rows.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)

@@ -99,13 +99,25 @@ def test_schedule_and_data_order() -> None:
 
 def test_frame_windows_from_longer_trajectories_resume_exactly(tmp_path: Path, cache_root: Path) -> None:
     """Issue 4's baseline control: 2 of 4 rendered frames, a growing stride, a faster camera head; resumable."""
-    cfg = CFG.model_copy(update={"render_frames": 4, "frame_stride": 1, "frame_stride_end": 3, "camera_lr_mult": 4.0})
+    cfg = CFG.model_copy(
+        update={
+            "render_frames": 4,
+            "frame_stride": 1,
+            "frame_stride_end": 3,
+            "camera_lr_mult": 4.0,
+            "camera_only_steps": 2,
+        }
+    )
     full = train(cfg, DataConfig(), tmp_path / "a", tmp_path / "wa", cache_root, progress=False)
     train(cfg, DataConfig(), tmp_path / "b", tmp_path / "wb", cache_root, stop_after=2, progress=False)
     resumed = train(cfg, DataConfig(), tmp_path / "b", tmp_path / "wb", cache_root, progress=False)
     wa, wb = _weights(full.model_path), _weights(resumed.model_path)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert load_vggt(full.model_path).cfg.enable_camera
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Camera-only warm-up for 2 steps: no dense losses logged, then the full objective.
+    assert [r["loss_reg_depth"] == "nan" for r in rows] == [True, True, False, False]
+    assert all(r["loss_camera"] != "nan" for r in rows)
 
 
 def test_frame_schedule_and_camera_lr_groups() -> None:
