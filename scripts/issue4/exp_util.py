@@ -1,0 +1,61 @@
+import numpy as np, torch
+from qvggt.train.data import SceneCache, build_cache, select_frames
+from qvggt.data.synthetic import CATEGORIES
+from qvggt.config import DataConfig
+from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri, extri_intri_to_pose_encoding
+from qvggt.eval.metrics.pose import pose_errors, pose_auc
+from qvggt.model import build_model, get_preset
+
+
+def caches(render, n_train=400):
+    cats = list(DataConfig().train_categories())
+    seeds = list(range(n_train))
+    tr = SceneCache(build_cache("runs/issue4/cache", seeds, [cats[s % len(cats)] for s in seeds], render, 126, progress=False))
+    hs = list(range(200000, 200032))
+    ho = SceneCache(build_cache("runs/issue4/cache", hs, [CATEGORIES[s % 8] for s in hs], render, 126, progress=False))
+    return tr, ho
+
+
+def gt_batch(cache, idx, frames):
+    b = cache.batch(idx)
+    return select_frames(b, np.tile(np.asarray(frames), (len(idx), 1)))
+
+
+def mean_pose(cache, frames, n=400):
+    """Best-constant baseline: the mean training pose encoding per frame slot (quaternion renormalised)."""
+    b = gt_batch(cache, list(range(n)), frames)
+    enc = extri_intri_to_pose_encoding(b["extrinsics"], b["intrinsics"], (126, 126)).mean(0)
+    enc[:, 3:7] = enc[:, 3:7] / enc[:, 3:7].norm(dim=-1, keepdim=True)
+    return pose_encoding_to_extri_intri(enc, (126, 126))[0].numpy()
+
+
+@torch.no_grad()
+def errs(model, cache, idx, frames, const=None):
+    out = {"model": [], "identity": [], "mean": []}
+    for k in range(0, len(idx), 8):
+        b = gt_batch(cache, idx[k:k + 8], frames)
+        E = pose_encoding_to_extri_intri(model(b["images"])["pose_enc"], (126, 126))[0].numpy() if model is not None else None
+        for j in range(b["images"].shape[0]):
+            gt = b["extrinsics"][j].numpy()
+            if E is not None:
+                out["model"].append(pose_errors(E[j], gt))
+            out["identity"].append(pose_errors(np.broadcast_to(np.eye(3, 4), gt.shape), gt))
+            if const is not None:
+                out["mean"].append(pose_errors(const, gt))
+    res = {}
+    for k, v in out.items():
+        if v:
+            r = np.concatenate([x[0] for x in v]); t = np.concatenate([x[1] for x in v])
+            res[k] = (float(np.median(r)), float(np.median(t)), pose_auc(r, t, 30))
+    return res
+
+
+def load_scratch(path, dense, init_values=None):
+    torch.manual_seed(0)
+    cfg = get_preset("small").model_copy(update={"enable_track": False, "default_image_hw": (126, 126), "img_size": 126,
+                                                 "enable_depth": dense, "enable_point": dense})
+    if init_values is not None:
+        cfg = cfg.model_copy(update={"init_values": init_values})
+    m = build_model(cfg)
+    m.load_state_dict(torch.load(path, weights_only=True))
+    return m.eval()
