@@ -66,3 +66,23 @@ def tiny_with_mlp_outlier() -> torch.nn.Module:
             if isinstance(blk, Block):
                 blk.mlp.fc1.bias[5] += 30.0
     return model
+
+
+def planted_small_model() -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """The committed small model with the stress recipe's massive channels planted (+-40 on channels 7 and 71 of
+    every camera / register token; no fine-tune), 2 calibration batches and 2 held-out scenes of 4 frames."""
+    from qvggt.calib.stress import plant_massive_activations_
+    from qvggt.config import DataConfig
+    from qvggt.eval.datasets import SyntheticEvalDataset
+    from qvggt.model import load_vggt
+    from qvggt.quant.command import calibration_batches
+
+    small = Path(__file__).resolve().parents[1] / "models" / "small" / "model.safetensors"
+    if not small.is_file():
+        pytest.fail(f"{small} is missing: it is the repository's embedded model (git checkout models/small)")
+    model = load_vggt(small).eval()
+    plant_massive_activations_(model)
+    calib, _ = calibration_batches(DataConfig(), 2, 4, model.cfg.default_image_hw)
+    h, w = model.cfg.default_image_hw
+    ds = SyntheticEvalDataset.from_config(2, "eval", data=DataConfig(), num_frames=4, height=h, width=w)
+    return model, calib, [torch.from_numpy(s.images)[None] for s in ds]

@@ -187,19 +187,11 @@ def test_int8_layers_accept_special_rows_and_operands_keep_them_when_moved(block
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _has_special_rows_option() -> bool:
-    from qvggt.quant.dsfq import QuantVGGTConfig
-
-    return "special_token_abits" in QuantVGGTConfig.__dataclass_fields__
-
-
 @pytest.fixture(scope="module")
 def special_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from qvggt.model import load_vggt, save_checkpoint
     from qvggt.quant.command import run_quantize
 
-    if not _has_special_rows_option():
-        pytest.skip("QuantVGGTConfig has no special_token_abits yet")
     tmp = tmp_path_factory.mktemp("special")
     torch.manual_seed(0)
     base = save_checkpoint(load_vggt(preset="tiny"), tmp / "base.safetensors")

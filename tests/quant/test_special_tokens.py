@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import planted_small_model
 
-from qvggt.calib.stress import plant_massive_activations_
-from qvggt.config import DataConfig
-from qvggt.eval.datasets import SyntheticEvalDataset
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.quant.api import quantize_
-from qvggt.quant.command import calibration_batches, make_config, run_quantize
+from qvggt.quant.command import make_config, run_quantize
 from qvggt.quant.dsfq import QuantVGGTConfig
 from qvggt.quant.export import load_quantized, read_manifest
 from qvggt.quant.formats import parse_format
@@ -23,7 +21,6 @@ from qvggt.quant.linear import QuantLinear
 from qvggt.quant.quantizer import fake_quantize
 from qvggt.quant.special_tokens import special_row_mask
 
-SMALL = Path(__file__).resolve().parents[2] / "models" / "small" / "model.safetensors"
 INT4, INT8 = parse_format("int4-sym-token"), parse_format("int8-sym-token")
 
 
@@ -119,14 +116,7 @@ def test_default_quantvggt_has_special_rows_only_where_activations_have_fewer_bi
 
 @pytest.fixture(scope="module")
 def stressed() -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
-    if not SMALL.is_file():
-        pytest.fail(f"{SMALL} is missing: it is the repository's embedded model (git checkout models/small)")
-    model = load_vggt(SMALL).eval()
-    plant_massive_activations_(model)  # +-40 on channels 7 and 71 of every camera / register token
-    calib, _ = calibration_batches(DataConfig(), 2, 4, model.cfg.default_image_hw)
-    h, w = model.cfg.default_image_hw
-    ds = SyntheticEvalDataset.from_config(2, "eval", data=DataConfig(), num_frames=4, height=h, width=w)
-    return model, calib, [torch.from_numpy(s.images)[None] for s in ds]
+    return planted_small_model()
 
 
 def test_special_rows_keep_the_pose_where_the_massive_channels_are(stressed) -> None:

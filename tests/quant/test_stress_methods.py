@@ -5,31 +5,18 @@ W8A8, and rotating the LayerNorm-output inputs too (the paper's full rotation) c
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import planted_small_model
 
-from qvggt.calib.stress import plant_massive_activations_
-from qvggt.config import DataConfig
-from qvggt.eval.datasets import SyntheticEvalDataset
-from qvggt.model import load_vggt
 from qvggt.quant.api import quantize_
-from qvggt.quant.command import calibration_batches, make_config
-
-SMALL = Path(__file__).resolve().parents[2] / "models" / "small" / "model.safetensors"
+from qvggt.quant.command import make_config
 
 
 @pytest.fixture(scope="module")
 def stressed() -> tuple[torch.nn.Module, list[torch.Tensor], list[torch.Tensor]]:
-    if not SMALL.is_file():
-        pytest.fail(f"{SMALL} is missing: it is the repository's embedded model (git checkout models/small)")
-    model = load_vggt(SMALL).eval()
-    plant_massive_activations_(model)  # +-40 on channels 7 and 71 of every camera / register token
-    calib, _ = calibration_batches(DataConfig(), 2, 4, model.cfg.default_image_hw)
-    h, w = model.cfg.default_image_hw
-    ds = SyntheticEvalDataset.from_config(2, "eval", data=DataConfig(), num_frames=4, height=h, width=w)
-    return model, calib, [torch.from_numpy(s.images)[None] for s in ds]
+    return planted_small_model()
 
 
 def _pose_error(model: torch.nn.Module, ref: torch.nn.Module, scenes: list[torch.Tensor]) -> float:
