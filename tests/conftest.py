@@ -86,3 +86,15 @@ def planted_small_model() -> tuple[torch.nn.Module, list[torch.Tensor], list[tor
     h, w = model.cfg.default_image_hw
     ds = SyntheticEvalDataset.from_config(2, "eval", data=DataConfig(), num_frames=4, height=h, width=w)
     return model, calib, [torch.from_numpy(s.images)[None] for s in ds]
+
+
+def quantized_block(block: torch.nn.Module, w_fmt: object, a_fmt: object) -> torch.nn.Module:
+    """A copy of a transformer Block whose qkv, proj, fc1 and fc2 are RTN ``QuantLinear``s in these formats."""
+    import copy
+
+    from qvggt.quant.linear import QuantLinear
+
+    block = copy.deepcopy(block)
+    for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+        setattr(parent, name, QuantLinear.from_float(getattr(parent, name), w_fmt, a_fmt))
+    return block

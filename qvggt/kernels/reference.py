@@ -25,6 +25,7 @@ from torch import Tensor
 from qvggt.quant.formats import QuantFormat
 from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.quantizer import compute_scales, quantize
+from qvggt.quant.special_tokens import special_row_mask as quant_row_mask
 
 __all__ = [
     "SPECIAL_ROW_FORMAT",
@@ -78,7 +79,7 @@ def special_row_mask(rows: int, period: int, count: int, device: torch.device | 
     period, count = check_special_rows(period, count)
     if not (period and count):
         return torch.zeros(rows, dtype=torch.bool, device=device)
-    return torch.arange(rows, device=device) % period < count
+    return quant_row_mask(rows, period, count, device)  # the one row rule, shared with QuantLinear
 
 
 def _special_rows(rows: int, period: int, count: int, fmt: str, device: torch.device) -> Tensor | None:

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import quantized_block
 
 from qvggt.engine import (
     EngineOptions,
@@ -26,18 +27,10 @@ from qvggt.model.rope import RotaryEmbedding2D, grid_positions
 from qvggt.quant.api import quantize_
 from qvggt.quant.config import RTNConfig, weight_activation_formats
 from qvggt.quant.formats import parse_format
-from qvggt.quant.linear import QuantLinear
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
-
-
-def _quantized_block(block: Block, w_fmt, a_fmt) -> Block:
-    block = copy.deepcopy(block)
-    for parent, name in [(block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")]:
-        setattr(parent, name, QuantLinear.from_float(getattr(parent, name), w_fmt, a_fmt))
-    return block
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def test_fused_block_matches_the_checkpoint_it_runs(block_and_input, wbits, abit
     """FusedBlock (bf16 residual, fused epilogues, fc2 input per 1x128 tile) vs the fp32 fake-quant reference."""
     block, x, pos = block_and_input
     if wbits is not None:
-        block = _quantized_block(block, *weight_activation_formats(wbits, abits, fp8=fp8))
+        block = quantized_block(block, *weight_activation_formats(wbits, abits, fp8=fp8))
     with torch.no_grad():
         want = block(x, pos)
         got = FusedBlock(copy.deepcopy(block), "b")(x, pos)
@@ -69,7 +62,7 @@ def test_fused_block_matches_the_checkpoint_it_runs(block_and_input, wbits, abit
 def test_quantization_error_exceeds_engine_error(block_and_input) -> None:
     """The engine adds less error than W4A8 quantization itself: it runs the checkpoint, not an approximation."""
     block, x, pos = block_and_input
-    q = _quantized_block(block, *weight_activation_formats(4, 8))
+    q = quantized_block(block, *weight_activation_formats(4, 8))
     with torch.no_grad():
         float_out, q_out = block(x, pos), q(x, pos)
         engine_out = FusedBlock(copy.deepcopy(q), "b")(x, pos)
@@ -78,8 +71,8 @@ def test_quantization_error_exceeds_engine_error(block_and_input) -> None:
 
 def test_operands_keep_low_bit_storage(block_and_input) -> None:
     block, _, _ = block_and_input
-    fb8 = FusedBlock(_quantized_block(block, *weight_activation_formats(8, 8, fp8=True)), "b")
-    fb4 = FusedBlock(_quantized_block(block, *weight_activation_formats(4, 8)), "b")
+    fb8 = FusedBlock(quantized_block(block, *weight_activation_formats(8, 8, fp8=True)), "b")
+    fb4 = FusedBlock(quantized_block(block, *weight_activation_formats(4, 8)), "b")
     ff = FusedBlock(copy.deepcopy(block), "b")
     assert fb8.fc1.weight.dtype == torch.float8_e4m3fn and fb8.fc1.act == "fp8_e4m3"
     assert fb4.fc1.weight.dtype == torch.uint8 and fb4.fc1.int4_k == 256
@@ -99,7 +92,7 @@ def test_operands_keep_low_bit_storage(block_and_input) -> None:
 )
 def test_formats_without_a_kernel_path_are_refused(block_and_input, weight, act, match) -> None:
     block, _, _ = block_and_input
-    q = _quantized_block(block, parse_format(weight), parse_format(act))
+    q = quantized_block(block, parse_format(weight), parse_format(act))
     with pytest.raises(UnsupportedLayerError, match=match):
         FusedBlock(q, "aggregator.frame_blocks.0")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import quantized_block
 
 from qvggt.engine import EngineOptions, UnsupportedLayerError, kernel_call_counts, reset_kernel_call_counts
 from qvggt.engine.block import FusedBlock
@@ -55,15 +56,6 @@ def _set_rows(module: torch.nn.Module, count: int, fmt=INT8_TOKEN, period: int |
             m.token_period = period  # what the aggregator's pre-hook does before each forward
 
 
-def _quantized_block(block: Block, wbits: int, abits: int | None, fp8: bool = False) -> Block:
-    block = copy.deepcopy(block)
-    w_fmt, a_fmt = weight_activation_formats(wbits, abits, fp8=fp8)
-    for parent_name, name in LAYERS:
-        parent = getattr(block, parent_name)
-        setattr(parent, name, QuantLinear.from_float(getattr(parent, name), w_fmt, a_fmt))
-    return block
-
-
 @pytest.fixture(scope="module")
 def block_and_input() -> tuple[Block, torch.Tensor, TokenPositions]:
     torch.manual_seed(0)
@@ -85,7 +77,7 @@ def test_fused_block_quantizes_special_rows_as_the_reference(block_and_input, la
     block, x, pos = block_and_input
     if layout == "global":  # [B, S*P, C]: the frames of a sequence in one row block, same period P
         x, pos = x.reshape(1, 2 * P, 128), pos.reshape(1, 2 * P)
-    q = _quantized_block(block, 4, 4)
+    q = quantized_block(block, *weight_activation_formats(4, 4))
     _set_rows(q, COUNT, period=P)
     fused = FusedBlock(copy.deepcopy(q), "b")
     assert [getattr(fused, n).special_tokens for _, n in LAYERS] == [COUNT] * 4
@@ -112,7 +104,7 @@ def test_fc2_rows_outside_fc1_epilogue(block_and_input) -> None:
     from qvggt.quant.hadamard import block_hadamard_transform
 
     block, x, pos = block_and_input
-    q = _quantized_block(block, 8, 4)
+    q = quantized_block(block, *weight_activation_formats(8, 4))
     with torch.no_grad():  # store fc2's weight rotated, as quarot / quantvggt do for an online input rotation
         fc2 = q.mlp.fc2
         w = block_hadamard_transform(fc2.dequantized_weight(torch.float64), 64).float()
@@ -136,7 +128,7 @@ def test_fc2_rows_outside_fc1_epilogue(block_and_input) -> None:
 
 def test_missing_token_period_is_an_error(block_and_input) -> None:
     block, x, pos = block_and_input
-    q = _quantized_block(block, 4, 4)
+    q = quantized_block(block, *weight_activation_formats(4, 4))
     _set_rows(q, COUNT)
     fused = FusedBlock(q, "aggregator.frame_blocks.0")
     with pytest.raises(ValueError, match=r"aggregator.frame_blocks.0: .*token_period=0 .*install_token_period_hook"):
@@ -156,7 +148,7 @@ def test_missing_token_period_is_an_error(block_and_input) -> None:
 )
 def test_special_rows_without_a_kernel_path_are_refused(block_and_input, wbits, abits, fp8, rows_fmt, match) -> None:
     block, _, _ = block_and_input
-    q = _quantized_block(block, wbits, abits, fp8)
+    q = quantized_block(block, *weight_activation_formats(wbits, abits, fp8=fp8))
     fc1 = q.mlp.fc1
     fc1.special_tokens, fc1.special_act_fmt = COUNT, None if rows_fmt is None else parse_format(rows_fmt)
     with pytest.raises(UnsupportedLayerError, match=rf"frame_blocks.0.mlp.fc1: {match}"):
@@ -166,7 +158,7 @@ def test_special_rows_without_a_kernel_path_are_refused(block_and_input, wbits, 
 def test_int8_layers_accept_special_rows_and_operands_keep_them_when_moved(block_and_input) -> None:
     """int8 activations are on the int8 grid already (nothing changes); the field travels with .to()."""
     block, x, pos = block_and_input
-    q = _quantized_block(block, 4, 8)
+    q = quantized_block(block, *weight_activation_formats(4, 8))
     _set_rows(q, COUNT, period=P)
     fused = FusedBlock(copy.deepcopy(q), "b")
     fused.token_period = P
