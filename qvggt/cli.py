@@ -144,6 +144,7 @@ def eval_(
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     method: Annotated[str, typer.Option(help="rtn, gptq, smoothquant, quarot or quantvggt (DSFQ).")] = "rtn",
     wbits: Annotated[int, typer.Option(help="Weight bits (2-8; 8 with --fp8).")] = 8,
     abits: Annotated[int | None, typer.Option(help="Activation bits; leave out for weight-only.")] = 8,
@@ -169,6 +170,13 @@ def quantize(
         typer.Option(help="Any field of the method's config as KEY=VALUE (YAML value; repeat), e.g. gptq=true."),
     ] = None,
     device: Annotated[str, typer.Option(help="Where to calibrate and quantize: cpu or cuda.")] = "cpu",
+    job: Annotated[
+        str | None,
+        typer.Option(
+            help="Take method, bits and options from this job of params.yaml `pipeline.jobs` (its label or "
+            "method-wWaA), as DVC's quantize stages do; the other method flags must then be left out."
+        ),
+    ] = None,
 ) -> None:
     """Quantize a model and write a packed checkpoint (model.safetensors + model.json manifest)."""
     from qvggt.config import load_config
@@ -176,11 +184,21 @@ def quantize(
 
     try:
         _check_device(device)
-        data = load_config(params).data
+        project = load_config(params)
+        data = project.data
         options = {
             **parse_options(option or []),
             **reconstruction_options(reconstruct, recon_epochs, recon_time_budget),
         }
+        if job is not None:
+            method_flags = ("method", "wbits", "abits", "group_size", "fp8", "option", "reconstruct", "recon_epochs",
+                            "recon_time_budget")  # fmt: skip
+            given = [f"--{n.replace('_', '-')}" for n in method_flags
+                     if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]  # fmt: skip
+            if given:
+                raise ValueError(f"--job {job} takes the method, bits and options from {params}; drop {given}")
+            spec = project.pipeline.find_job(job)
+            method, wbits, abits, options = spec.method, spec.wbits, spec.abits, dict(spec.options)
         result = run_quantize(
             method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
             calib_manifest=calib_manifest, options=options, device=device,

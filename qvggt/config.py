@@ -200,6 +200,28 @@ class PipelineConfig(Section):
             raise ValueError(f"pipeline.jobs must be a non-empty list of distinct configs, got {names}")
         return self
 
+    def find_job(self, key: str) -> QuantJob:
+        """The job named ``key`` (its label, or ``method-wWaA`` when unlabelled); a labelled job is also found by
+        its ``method-wWaA`` when no other job shares that method and bits (DVC's stages, which cannot read an
+        optional label, name jobs that way). Raises ValueError naming the valid keys."""
+        for job in self.jobs:
+            if job.name == key:
+                return job
+        # DVC renders a weight-only job's abits (None) as "None"; job_name spells it a16.
+        by_format = [
+            j for j in self.jobs
+            if key in (job_name({**j.model_dump(), "label": None}), f"{j.method}-w{j.wbits}a{j.abits}")
+        ]  # fmt: skip
+        if len(by_format) == 1:
+            return by_format[0]
+        if by_format:
+            raise ValueError(
+                f"pipeline.jobs {[j.name for j in by_format]} share {key}: only their labels tell them apart, "
+                "which the Prefect flow uses but DVC's quantize stages cannot; run them with the flow or give them "
+                "different bits"
+            )
+        raise ValueError(f"no pipeline job {key!r} in pipeline.jobs; jobs: {[j.name for j in self.jobs]}")
+
 
 class CalibrateConfig(Section):
     """``qvggt calibrate`` (DVC stage ``calibrate``): which calibration samples the calibrated methods see."""

@@ -56,3 +56,23 @@ def test_job_options_and_label_name_the_job() -> None:
     job = QuantJob(method="quantvggt", wbits=4, abits=4, options={"reconstruct": False}, label="qv-w4a4-norecon")
     assert job.name == "qv-w4a4-norecon" == job_name(job.model_dump())
     assert QuantJob(method="rtn", wbits=4, abits=None).name == "rtn-w4a16"
+
+
+def test_find_job_by_name_by_dvc_key_and_refusing_ambiguity() -> None:
+    from qvggt.config import PipelineConfig, QuantJob
+
+    jobs = [
+        QuantJob(method="quantvggt", wbits=4, abits=4),
+        QuantJob(method="quantvggt", wbits=4, abits=4, options={"gptq": True}, label="qv-gptq"),
+        QuantJob(method="rtn", wbits=4, abits=None, label="rtn-wonly"),
+    ]
+    pipe = PipelineConfig(jobs=jobs)
+    assert pipe.find_job("qv-gptq").options == {"gptq": True}
+    assert pipe.find_job("quantvggt-w4a4").label is None  # the exact name wins over the labelled twin
+    # DVC renders a labelled weight-only job as method-wWaNone: unique, so it resolves to that job.
+    assert pipe.find_job("rtn-w4aNone").label == "rtn-wonly" == pipe.find_job("rtn-w4a16").label
+    with pytest.raises(ValueError, match=r"no pipeline job 'rtn-w8a8'.*quantvggt-w4a4"):
+        pipe.find_job("rtn-w8a8")
+    twins = PipelineConfig(jobs=[jobs[1], QuantJob(method="quantvggt", wbits=4, abits=4, label="qv-plain")])
+    with pytest.raises(ValueError, match="only their labels tell them apart"):
+        twins.find_job("quantvggt-w4a4")

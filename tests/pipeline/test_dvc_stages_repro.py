@@ -50,7 +50,8 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
     params["pipeline"] = {
         **params.get("pipeline", {}),
         "base_weights": "models/small/model.safetensors",
-        "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}],
+        # An option: the stage must pass it on (`qvggt quantize --job`), not only method and bits.
+        "jobs": [{"method": "rtn", "wbits": 8, "abits": 8, "options": {"clip_search": True}}],
         "calib_scenes": 1,
         "eval_scenes": 1,
         "eval_frames": 2,
@@ -62,7 +63,10 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
     assert "Running stage 'quantize@0'" in first.stdout and "Running stage 'evaluate@0'" in first.stdout
     assert "Running stage 'calibrate'" in first.stdout
     assert "Running stage 'train_small'" not in first.stdout  # frozen: the committed model is not retrained
-    assert (clone / "runs/dvc/quantized/rtn-w8a8/model.safetensors").is_file()
+    quantized = clone / "runs/dvc/quantized/rtn-w8a8/model.safetensors"
+    from qvggt.quant.export import read_manifest
+
+    assert read_manifest(quantized)["quant_config"]["clip_search"] is True
     assert (clone / "runs/dvc/calibrate/manifest.json").is_file()
     metrics = _sh([DVC, "metrics", "show", "--json"], clone)
     assert metrics.returncode == 0 and "rtn-w8a8" in metrics.stdout, metrics.stderr

@@ -110,3 +110,22 @@ def test_quantize_cli_on_cuda_reports_peak_memory_or_says_there_is_no_gpu(tiny_c
 def test_float_checkpoint_is_not_a_quantized_one(tiny_ckpt: Path) -> None:
     with pytest.raises(ValueError, match="not a qvggt quantized checkpoint"):
         read_manifest(tiny_ckpt)
+
+
+def test_quantize_cli_job_takes_method_bits_and_options_from_params(tiny_ckpt: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "pipeline:\n  jobs:\n"
+        "    - {method: rtn, wbits: 4, abits: 8, options: {clip_search: true}}\n"
+        "    - {method: rtn, wbits: 8, abits: 8}\n"
+    )
+    base = ["quantize", "--model", str(tiny_ckpt), "--params", str(params)]
+    res = runner.invoke(app, [*base, "--job", "rtn-w4a8", "--out", str(tmp_path / "job")])
+    assert res.exit_code == 0, res.output
+    config = read_manifest(tmp_path / "job" / "model.safetensors")["quant_config"]
+    assert (config["clip_search"], config["weight"], config["activation"]) == (True, "int4-sym-channel", "int8-sym-token")
+    # Flags that would contradict the job are refused, not silently overridden; unknown jobs list the valid ones.
+    res = runner.invoke(app, [*base, "--job", "rtn-w4a8", "--wbits", "8", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "drop ['--wbits']" in res.output and not (tmp_path / "bad").exists()
+    res = runner.invoke(app, [*base, "--job", "gptq-w4a8", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 1 and "rtn-w8a8" in res.output
