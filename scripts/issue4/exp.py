@@ -28,6 +28,9 @@ p.add_argument("--eval_every", type=int, default=0)
 p.add_argument("--data_seed", type=int, default=0)
 p.add_argument("--init_values", type=float, default=None)
 p.add_argument("--max_min", type=float, default=11.5)
+p.add_argument("--match_w", type=float, default=0.0, help="weight of the cross-view token-matching InfoNCE (0: off)")
+p.add_argument("--match_tau", type=float, default=0.1)
+p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
 
 data = DataConfig()
@@ -81,17 +84,54 @@ if a.init:
     sd = torch.load(a.init, weights_only=True) if a.init.endswith(".pt") else load_vggt(a.init).float().state_dict()
     print("init from", a.init, model.load_state_dict(sd, strict=False))
 model.aggregator.gradient_checkpointing = False
+feats = {}
+model.aggregator.register_forward_hook(lambda m, i, o: feats.__setitem__("last", o[-1]))
+proj = torch.nn.Linear(2 * cfg.embed_dim, 64)
+
+
+def match_loss(tokens, b):
+    """InfoNCE between frame-1 patch tokens and the frame-0 patch token that sees the same surface point.
+
+    tokens [B, S, P, 2C]; ground truth: the world point at each frame-1 patch centre projected into frame 0
+    (whose extrinsic is the identity after renormalisation), kept if frame 0's depth there agrees (visible)."""
+    ps = 14; B, S, _, H, W = b["images"].shape; gh, gw = H // ps, W // ps
+    x = torch.nn.functional.normalize(proj(tokens[:, :, model.aggregator.patch_start_idx:]), dim=-1)  # [B,S,N,64]
+    c = torch.arange(gh) * ps + ps // 2
+    pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)  # [B,N,3] frame-0 coordinates
+    ok1 = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1)
+    K = b["intrinsics"][:, 0]
+    z = pts[..., 2].clamp(min=1e-6)
+    u = K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2]
+    v = K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2]
+    ui, vi = u.round().long(), v.round().long()
+    inb = (pts[..., 2] > 1e-4) & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
+    uc, vc = ui.clamp(0, W - 1), vi.clamp(0, H - 1)
+    d0 = b["depth"][:, 0][torch.arange(B)[:, None], vc, uc]
+    ok0 = b["valid_mask"][:, 0][torch.arange(B)[:, None], vc, uc]
+    vis = ok1 & inb & ok0 & ((d0 - pts[..., 2]).abs() < 0.03 * pts[..., 2])
+    tgt = (vc // ps) * gw + uc // ps
+    logits = torch.einsum("bnc,bmc->bnm", x[:, 1], x[:, 0]) / a.match_tau
+    if vis.sum() == 0:
+        return logits.sum() * 0, 0.0
+    ce = torch.nn.functional.cross_entropy(logits[vis], tgt[vis])
+    acc = float((logits[vis].argmax(-1) == tgt[vis]).float().mean())
+    return ce, acc
+
+
 head = [p_ for n, p_ in model.named_parameters() if n.startswith("camera_head") or "camera_token" in n]
 hid = {id(x) for x in head}
 rest = [p_ for p_ in model.parameters() if id(p_) not in hid]
-opt = torch.optim.AdamW([{"params": rest, "lr": a.lr}, {"params": head, "lr": a.lr * a.head_lr_mult}], weight_decay=0.05)
+groups = [{"params": rest, "lr": a.lr}, {"params": head, "lr": a.lr * a.head_lr_mult}]
+if a.match_w:
+    groups.append({"params": list(proj.parameters()), "lr": a.lr})
+opt = torch.optim.AdamW(groups, weight_decay=0.05)
 base = [g["lr"] for g in opt.param_groups]
 w = LossWeights(camera=a.cam_w)
 rng = np.random.default_rng(a.data_seed)
 ev_frames = pick_frames(np.random.default_rng(0)) if not a.frames.startswith("win:") else list(range(int(a.frames[4:])))
 tr_eval, ho_eval = Sub(cache, ev_frames), Sub(ho, ev_frames)
 n_tr = min(32, a.scenes)
-t0 = time.time(); log = []
+t0 = time.time(); log = []; mlog = [(0.0, 0.0)]
 step = 0
 for step in range(1, a.steps + 1):
     f = a.warmup and min(1.0, step / a.warmup)
@@ -102,11 +142,19 @@ for step in range(1, a.steps + 1):
     model.train()
     preds = model(b["images"])
     L = vggt_loss(preds, b, w)
-    opt.zero_grad(); L["objective"].backward()
+    obj = L["objective"]
+    if a.match_w:
+        ml, macc = match_loss(feats["last"], b)
+        obj = obj + a.match_w * ml
+        mlog.append((float(ml), macc))
+    opt.zero_grad(); obj.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     log.append(float(L["loss_camera"]))
     if step % 25 == 0:
-        print(f"step {step} t={time.time()-t0:.0f}s cam={np.mean(log[-25:]):.4f} obj={float(L['objective']):.3f}", flush=True)
+        ml = np.mean(mlog[-25:], 0)
+        print(f"step {step} t={time.time()-t0:.0f}s cam={np.mean(log[-25:]):.4f} obj={float(obj):.3f} match={ml[0]:.3f} acc={ml[1]:.2f}", flush=True)
+    if a.save_every and step % a.save_every == 0:
+        torch.save(model.state_dict(), f"runs/issue4/{a.name}_s{step}.pt")
     if a.eval_every and step % a.eval_every == 0:
         print("  train", fmt(pose_eval(model, tr_eval, list(range(n_tr)))), flush=True)
     if time.time() - t0 > a.max_min * 60:
