@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -123,6 +123,20 @@ class TrainConfig(Section):
     camera_only_steps: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)
     mlflow_tracking_uri: str | None = None
+    # Held-out validation (qvggt/train/validation.py) every ``val_every`` steps (0: off) on ``val_scenes`` scenes of
+    # data.eval_seeds; from ``gate_step`` on, each validation must find the median rotation error at least
+    # ``gate_min_gain`` below identity poses' or the run stops (resumable). None of these change what is trained.
+    val_every: int = Field(0, ge=0)
+    val_scenes: int = Field(32, ge=1)
+    gate_step: int | None = Field(None, ge=1)
+    gate_min_gain: float = Field(0.15, ge=0, lt=1)
+
+    #: Fields that do not change the trained weights: a run may resume with other values of them.
+    NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({"val_every", "val_scenes", "gate_step", "gate_min_gain"})
+
+    def training_signature(self) -> str:
+        """JSON of the fields that determine the trained weights (what a resumed run must share)."""
+        return self.model_dump_json(exclude=set(self.NOT_TRAINING))
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -141,6 +155,10 @@ class TrainConfig(Section):
                 )
         elif self.frame_stride != 1 or self.frame_stride_end is not None:
             raise ValueError("train.frame_stride / frame_stride_end need train.render_frames")
+        if self.val_every and self.num_frames < 2:
+            raise ValueError("train.val_every scores relative poses: it needs train.num_frames >= 2")
+        if self.gate_step is not None and not self.val_every:
+            raise ValueError("train.gate_step is judged by validations: set train.val_every too")
         return self
 
 

@@ -76,3 +76,10 @@ def test_find_job_by_name_by_dvc_key_and_refusing_ambiguity() -> None:
     twins = PipelineConfig(jobs=[jobs[1], QuantJob(method="quantvggt", wbits=4, abits=4, label="qv-plain")])
     with pytest.raises(ValueError, match="only their labels tell them apart"):
         twins.find_job("quantvggt-w4a4")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    cfg = load_config(path)
+    # The recipes keep the data splits of params.yaml, so their validation scenes stay the held-out ones.
+    assert cfg.data == load_config(REPO / "params.yaml").data

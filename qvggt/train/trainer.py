@@ -5,9 +5,10 @@ from ``(seed, epoch)``; nothing else draws random numbers. A run killed after a 
 reproduces the uninterrupted run exactly (same machine and thread count).
 
 In ``work_dir``: ``state.pt`` (model, optimizer, scheduler, step; written atomically every ``checkpoint_every``
-steps) and ``metrics.csv`` (every ``log_every`` steps). At the end, ``out_dir`` receives ``model.safetensors``
-(in ``export_dtype``) with its config JSON, and a copy of ``metrics.csv``. MLflow logging when
-``mlflow_tracking_uri`` is set.
+steps), ``metrics.csv`` (every ``log_every`` steps) and, with ``val_every``, ``validation.csv`` (held-out pose and
+depth every ``val_every`` steps, :mod:`qvggt.train.validation`; its gate may stop the run). At the end, ``out_dir``
+receives ``model.safetensors`` (in ``export_dtype``) with its config JSON, and copies of the CSVs. MLflow logging
+when ``mlflow_tracking_uri`` is set.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from qvggt.io import atomic_open, atomic_path
 from qvggt.model import VGGT, build_model, get_preset, save_checkpoint
 from qvggt.train.data import SceneCache, build_cache, frame_windows, select_frames
 from qvggt.train.losses import LossWeights, vggt_loss
+from qvggt.train.validation import ValidationResult, check_gate, validate, validation_scenes
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
+VALIDATION_FILE = "validation.csv"
 MODEL_FILE = "model.safetensors"
 LOGGED = ("objective", "loss_camera", "loss_conf_depth", "loss_reg_depth", "loss_conf_point", "loss_reg_point")
 
@@ -161,6 +164,10 @@ def train(
     seeds, cats = training_scenes(data, cfg.num_scenes)
     rendered = cfg.render_frames or cfg.num_frames
     cache = SceneCache(build_cache(cache_root, seeds, cats, rendered, cfg.image_size, progress))
+    val_cache = None
+    if cfg.val_every:
+        val_seeds, val_cats = validation_scenes(data, cfg.val_scenes)
+        val_cache = SceneCache(build_cache(cache_root, val_seeds, val_cats, cfg.num_frames, cfg.image_size, progress))
 
     model = _make_model(cfg).to(device).train()
     # Recomputing blocks saves memory on a GPU but costs a third of the step time on a CPU.
@@ -173,14 +180,30 @@ def train(
     state_path = work_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != cfg.model_dump_json():
+        if state["config"] != cfg.training_signature():
             raise ValueError(f"{state_path} was written with other train settings: delete {work_dir} or restore them")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
-    metrics_path = work_dir / METRICS_FILE
+    metrics_path, val_path = work_dir / METRICS_FILE, work_dir / VALIDATION_FILE
     _truncate_metrics(metrics_path, step)
+    _truncate_metrics(val_path, step)
+
+    def save_state() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "step": step,
+            "config": cfg.training_signature(),
+        }
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
+
+    if val_cache is not None and cfg.gate_step is not None and cfg.gate_step <= step < cfg.steps:
+        # A resumed run past its gate is judged again before it spends more steps (a failed gate stays failed).
+        check_gate(validate(model, val_cache, step, device), cfg)
 
     tracker = _mlflow_run(cfg) if cfg.mlflow_tracking_uri else None
     autocast = (
@@ -218,28 +241,46 @@ def train(
             rows.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        if step % cfg.checkpoint_every == 0 or step == end:
+        gate_failed = None
+        # Validation before the checkpoint: a run killed in between redoes this step's validation on resume.
+        if val_cache is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            result = validate(model, val_cache, step, device)
+            _log_validation(result, val_path, tracker, bar)
+            if cfg.gate_step is not None and step >= cfg.gate_step and result.rot_gain < cfg.gate_min_gain:
+                gate_failed = result
+        if step % cfg.checkpoint_every == 0 or step == end or gate_failed is not None:
             if rows:
                 _append_metrics(metrics_path, rows)
                 rows = []
-            state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "step": step,
-                "config": cfg.model_dump_json(),
-            }
-            with atomic_path(state_path) as tmp:
-                torch.save(state, tmp)
+            save_state()  # on a failed gate: resumable from exactly here
+        if gate_failed is not None:
+            bar.close()
+            if tracker is not None:
+                tracker.end_run(status="KILLED")
+            check_gate(gate_failed, cfg)
     bar.close()
     model_path = out_dir / MODEL_FILE
     if step >= cfg.steps:
         save_checkpoint(model.eval(), model_path, dtype=export_dtype)
-        with atomic_open(out_dir / METRICS_FILE, "wb") as f:
-            f.write(metrics_path.read_bytes())
+        for path in (metrics_path, val_path):
+            if path.exists():
+                with atomic_open(out_dir / path.name, "wb") as f:
+                    f.write(path.read_bytes())
     if tracker is not None:
         tracker.end_run()
     return TrainResult(model_path, step, loss_value)
+
+
+def _log_validation(result: ValidationResult, path: Path, tracker, bar: tqdm) -> None:
+    """One validation: a row of ``validation.csv``, MLflow metrics ``val_*``, a line under the progress bar."""
+    row = result.row()
+    _append_metrics(path, [row])
+    if tracker is not None:
+        tracker.log_metrics({f"val_{k}": v for k, v in row.items() if k != "step"}, step=result.step)
+    bar.write(
+        f"step {result.step}: held-out rotation {result.rot_median:.1f} deg (identity {result.identity_rot_median:.1f},"
+        f" {100 * result.rot_gain:+.1f} %), AUC@30 {result.pose_auc30:.1f}, depth AbsRel {result.depth_abs_rel:.3f}"
+    )
 
 
 def _mlflow_run(cfg: TrainConfig):

@@ -30,6 +30,7 @@ p.add_argument("--init_values", type=float, default=None)
 p.add_argument("--max_min", type=float, default=11.5)
 p.add_argument("--match_w", type=float, default=0.0, help="weight of the cross-view token-matching InfoNCE (0: off)")
 p.add_argument("--match_tau", type=float, default=0.1)
+p.add_argument("--token_std", type=float, default=None, help="re-initialise the camera/register tokens with this std")
 p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
 
@@ -83,6 +84,11 @@ if a.init:
     from qvggt.model import load_vggt
     sd = torch.load(a.init, weights_only=True) if a.init.endswith(".pt") else load_vggt(a.init).float().state_dict()
     print("init from", a.init, model.load_state_dict(sd, strict=False))
+if a.token_std is not None:  # the reference frame's tokens must differ from the others' for it to be told apart
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in (model.aggregator.camera_token, model.aggregator.register_token):
+            t.copy_(torch.randn(t.shape, generator=g) * a.token_std)
 model.aggregator.gradient_checkpointing = False
 feats = {}
 model.aggregator.register_forward_hook(lambda m, i, o: feats.__setitem__("last", o[-1]))

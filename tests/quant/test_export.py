@@ -123,7 +123,8 @@ def test_quantize_cli_job_takes_method_bits_and_options_from_params(tiny_ckpt: P
     res = runner.invoke(app, [*base, "--job", "rtn-w4a8", "--out", str(tmp_path / "job")])
     assert res.exit_code == 0, res.output
     config = read_manifest(tmp_path / "job" / "model.safetensors")["quant_config"]
-    assert (config["clip_search"], config["weight"], config["activation"]) == (True, "int4-sym-channel", "int8-sym-token")
+    formats = (config["weight"], config["activation"])
+    assert config["clip_search"] is True and formats == ("int4-sym-channel", "int8-sym-token")
     # Flags that would contradict the job are refused, not silently overridden; unknown jobs list the valid ones.
     res = runner.invoke(app, [*base, "--job", "rtn-w4a8", "--wbits", "8", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 1 and "drop ['--wbits']" in res.output and not (tmp_path / "bad").exists()
