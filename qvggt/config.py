@@ -121,6 +121,10 @@ class TrainConfig(Section):
     camera_lr_mult: float = Field(1.0, gt=0)
     # Steps at the start trained on the camera loss alone (aggregator + camera head; dense heads skipped).
     camera_only_steps: int = Field(0, ge=0)
+    # Std of the camera and register tokens at initialisation (None: the model's own, VGGT's 1e-6). Their first-frame
+    # slot is all that tells the reference frame apart; from scratch, 1e-6 leaves it indistinguishable for hundreds
+    # of steps (docs/TRAINING_NOTES.md, section 5).
+    token_init_std: float | None = Field(None, gt=0)
     threads: int | None = Field(None, ge=1)
     mlflow_tracking_uri: str | None = None
     # Held-out validation (qvggt/train/validation.py) every ``val_every`` steps (0: off) on ``val_scenes`` scenes of

@@ -119,7 +119,12 @@ def _make_model(cfg: TrainConfig) -> VGGT:
     model_cfg = preset.model_copy(
         update={"enable_track": False, "default_image_hw": (cfg.image_size, cfg.image_size), "img_size": cfg.image_size}
     )
-    return build_model(model_cfg)
+    model = build_model(model_cfg)
+    if cfg.token_init_std is not None:
+        with torch.no_grad():  # drawn after the model's own init, from the same seeded generator
+            for token in (model.aggregator.camera_token, model.aggregator.register_token):
+                token.normal_(0.0, cfg.token_init_std)
+    return model
 
 
 def _append_metrics(path: Path, rows: list[dict]) -> None:

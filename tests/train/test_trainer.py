@@ -142,3 +142,17 @@ def test_frame_schedule_and_camera_lr_groups() -> None:
         assert g["lr"] == pytest.approx(tiny.lr * (10 if ids <= camera else 1))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert len(param_groups(model, CFG)) == 2  # default: the two weight-decay groups only
+
+
+def test_token_init_std_sets_the_special_tokens_only() -> None:
+    base, wide = _make_model(CFG), _make_model(CFG.model_copy(update={"token_init_std": 0.5}))
+    agg = wide.aggregator
+    for token in (agg.camera_token, agg.register_token):
+        assert 0.4 < float(token.detach().std()) < 0.6
+    # The reference frame's slot now differs from the other frames' by O(1), not O(1e-6).
+    assert float((agg.camera_token[:, 0] - agg.camera_token[:, 1]).detach().norm()) > 1.0
+    assert float((base.aggregator.camera_token[:, 0] - base.aggregator.camera_token[:, 1]).detach().norm()) < 1e-4
+    same = {k: v for k, v in base.state_dict().items() if not k.endswith(("camera_token", "register_token"))}
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in same.items())
+    again = _make_model(CFG.model_copy(update={"token_init_std": 0.5}))
+    assert torch.equal(agg.camera_token, again.aggregator.camera_token)  # drawn from the seeded generator
