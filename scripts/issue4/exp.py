@@ -31,6 +31,7 @@ p.add_argument("--max_min", type=float, default=11.5)
 p.add_argument("--match_w", type=float, default=0.0, help="weight of the cross-view token-matching InfoNCE (0: off)")
 p.add_argument("--match_tau", type=float, default=0.1)
 p.add_argument("--token_std", type=float, default=None, help="re-initialise the camera/register tokens with this std")
+p.add_argument("--pos_init", default=None, choices=[None, "sincos"], help="re-initialise the encoder's absolute position embedding")
 p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
 
@@ -89,6 +90,16 @@ if a.token_std is not None:  # the reference frame's tokens must differ from the
     with torch.no_grad():
         for t in (model.aggregator.camera_token, model.aggregator.register_token):
             t.copy_(torch.randn(t.shape, generator=g) * a.token_std)
+if a.pos_init == "sincos":  # MAE-style 2-D sin-cos: absolute position in the tokens' content, norm ~ the patches'
+    pe = model.aggregator.patch_embed.pos_embed
+    n, dim = pe.shape[1] - 1, pe.shape[2]
+    gsz = int(round(n ** 0.5)); q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    ys, xs = torch.meshgrid(torch.arange(gsz, dtype=torch.float64), torch.arange(gsz, dtype=torch.float64), indexing="ij")
+    enc = lambda v: torch.cat([torch.sin(v.reshape(-1, 1) * omega), torch.cos(v.reshape(-1, 1) * omega)], 1)
+    with torch.no_grad():
+        pe[0, 1:] = torch.cat([enc(ys), enc(xs)], 1).float()
+        pe[0, 0] = 0
 model.aggregator.gradient_checkpointing = False
 feats = {}
 model.aggregator.register_forward_hook(lambda m, i, o: feats.__setitem__("last", o[-1]))
