@@ -28,7 +28,7 @@ from qvggt.io import atomic_open, atomic_path
 from qvggt.model import VGGT, build_model, get_preset, save_checkpoint
 from qvggt.train.data import SceneCache, build_cache, frame_windows, select_frames
 from qvggt.train.losses import LossWeights, vggt_loss
-from qvggt.train.validation import ValidationResult, check_gate, validate, validation_scenes
+from qvggt.train.validation import ValidationResult, check_gate, gate_failed, validate, validation_scenes
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
@@ -246,23 +246,23 @@ def train(
             rows.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        gate_failed = None
+        failed = None
         # Validation before the checkpoint: a run killed in between redoes this step's validation on resume.
         if val_cache is not None and (step % cfg.val_every == 0 or step == cfg.steps):
             result = validate(model, val_cache, step, device)
             _log_validation(result, val_path, tracker, bar)
-            if cfg.gate_step is not None and step >= cfg.gate_step and result.rot_gain < cfg.gate_min_gain:
-                gate_failed = result
-        if step % cfg.checkpoint_every == 0 or step == end or gate_failed is not None:
+            if gate_failed(result, cfg):
+                failed = result
+        if step % cfg.checkpoint_every == 0 or step == end or failed is not None:
             if rows:
                 _append_metrics(metrics_path, rows)
                 rows = []
             save_state()  # on a failed gate: resumable from exactly here
-        if gate_failed is not None:
+        if failed is not None:
             bar.close()
             if tracker is not None:
                 tracker.end_run(status="KILLED")
-            check_gate(gate_failed, cfg)
+            check_gate(failed, cfg)
     bar.close()
     model_path = out_dir / MODEL_FILE
     if step >= cfg.steps:

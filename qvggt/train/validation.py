@@ -30,7 +30,7 @@ from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.model import VGGT
 from qvggt.train.data import SceneCache
 
-__all__ = ["GateFailed", "ValidationResult", "check_gate", "validate", "validation_scenes"]
+__all__ = ["GateFailed", "ValidationResult", "check_gate", "gate_failed", "validate", "validation_scenes"]
 
 
 class GateFailed(RuntimeError):
@@ -101,11 +101,14 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
     )
 
 
+def gate_failed(result: ValidationResult, cfg: TrainConfig) -> bool:
+    """Whether ``result`` falls under the gate (at or after ``gate_step``) and pose has not learned enough."""
+    return cfg.gate_step is not None and result.step >= cfg.gate_step and result.rot_gain < cfg.gate_min_gain
+
+
 def check_gate(result: ValidationResult, cfg: TrainConfig) -> None:
-    """Raise :class:`GateFailed` if ``result`` is the gate's validation and pose has not learned enough."""
-    if cfg.gate_step is None or result.step < cfg.gate_step:
-        return
-    if result.rot_gain < cfg.gate_min_gain:
+    """Raise :class:`GateFailed` when :func:`gate_failed`."""
+    if gate_failed(result, cfg):
         raise GateFailed(
             f"gate at step {result.step} (train.gate_step={cfg.gate_step}): held-out median rotation error "
             f"{result.rot_median:.1f} deg is {100 * result.rot_gain:.1f} % below identity's "

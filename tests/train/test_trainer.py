@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.model import load_vggt
@@ -20,19 +21,7 @@ from qvggt.train.trainer import (
     train,
 )
 
-CFG = TrainConfig(
-    preset="tiny",
-    steps=4,
-    batch_size=2,
-    num_frames=2,
-    image_size=42,
-    num_scenes=3,
-    warmup_steps=1,
-    checkpoint_every=2,
-    log_every=1,
-    lr=1e-3,
-    threads=1,
-)
+CFG = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 from torch import nn
 
 from qvggt.config import DataConfig, TrainConfig
@@ -18,21 +19,7 @@ from qvggt.train.data import SceneCache, build_cache
 from qvggt.train.trainer import train
 from qvggt.train.validation import GateFailed, validate, validation_scenes
 
-CFG = TrainConfig(
-    preset="tiny",
-    steps=4,
-    batch_size=2,
-    num_frames=2,
-    image_size=42,
-    num_scenes=3,
-    warmup_steps=1,
-    checkpoint_every=100,
-    log_every=1,
-    lr=1e-3,
-    threads=1,
-    val_every=2,
-    val_scenes=2,
-)
+CFG = TINY_TRAIN.model_copy(update={"checkpoint_every": 100, "val_every": 2, "val_scenes": 2})
 
 
 @pytest.fixture(scope="module")
