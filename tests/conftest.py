@@ -14,8 +14,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qvggt.config import TrainConfig  # after TRITON_INTERPRET, should it ever import triton
-
 DATA = Path(__file__).parent / "data_files"
 
 
@@ -100,19 +98,3 @@ def quantized_block(block: torch.nn.Module, w_fmt: object, a_fmt: object) -> tor
     for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
         setattr(parent, name, QuantLinear.from_float(getattr(parent, name), w_fmt, a_fmt))
     return block
-
-
-#: A few real training steps on the tiny preset (tests/train): 42 px, 2 frames, 3 scenes.
-TINY_TRAIN = TrainConfig(
-    preset="tiny",
-    steps=4,
-    batch_size=2,
-    num_frames=2,
-    image_size=42,
-    num_scenes=3,
-    warmup_steps=1,
-    checkpoint_every=2,
-    log_every=1,
-    lr=1e-3,
-    threads=1,
-)

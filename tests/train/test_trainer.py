@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from tiny_train import TINY_TRAIN
 
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.model import load_vggt

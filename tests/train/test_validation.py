@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from tiny_train import TINY_TRAIN
 from torch import nn
 
 from qvggt.config import DataConfig, TrainConfig
