@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import quantized_block
+from qvggt_testing import quantized_block
 
 from qvggt.engine import (
     EngineOptions,

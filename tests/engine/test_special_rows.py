@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quantized_block
+from qvggt_testing import quantized_block
 
 from qvggt.engine import EngineOptions, UnsupportedLayerError, kernel_call_counts, reset_kernel_call_counts
 from qvggt.engine.block import FusedBlock

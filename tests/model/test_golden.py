@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, rel_l2
+from qvggt_testing import DATA, rel_l2
 
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.model import build_model, get_preset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_l2
+from qvggt_testing import rel_l2
 
 from qvggt.model import VGGTConfig, build_model, get_preset
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import reference_shapes
+from qvggt_testing import reference_shapes
 
 from qvggt.model import build_model, get_preset
 

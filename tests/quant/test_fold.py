@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import rel_l2
+from qvggt_testing import rel_l2
 from torch import nn
 
 from qvggt.model import build_model, get_preset

@@ -7,7 +7,7 @@ import json
 import pytest
 import scipy.linalg
 import torch
-from conftest import rel_l2
+from qvggt_testing import rel_l2
 from torch import nn
 
 from qvggt.quant.hadamard import (

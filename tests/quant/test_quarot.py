@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_with_mlp_outlier
+from qvggt_testing import tiny_with_mlp_outlier
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.quant.api import quantize_

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_with_mlp_outlier
+from qvggt_testing import tiny_with_mlp_outlier
 
 from qvggt.model.layers import Block
 from qvggt.quant import reconstruct

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_l2
+from qvggt_testing import rel_l2
 from torch import nn
 
 from qvggt.model import build_model, get_preset

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import planted_small_model
+from qvggt_testing import planted_small_model
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.quant.api import quantize_

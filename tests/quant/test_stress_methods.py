@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import planted_small_model
+from qvggt_testing import planted_small_model
 
 from qvggt.quant.api import quantize_
 from qvggt.quant.command import make_config

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import BUCKET, FaultProxy
+from team_testing import BUCKET, FaultProxy
 
 from qvggt.io import sha256_file
 from qvggt.model import load_vggt, save_checkpoint

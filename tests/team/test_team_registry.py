@@ -7,7 +7,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import BUCKET, Server
+from team_testing import BUCKET, Server
 
 from qvggt.pipeline.registry import (
     CHAMPION,

@@ -24,7 +24,7 @@ import boto3
 import pytest
 import torch
 import yaml
-from conftest import BUCKET, TEST_ACCESS_KEY, TEST_SECRET_KEY, Server
+from team_testing import BUCKET, TEST_ACCESS_KEY, TEST_SECRET_KEY, Server
 
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.pipeline.results import SharedCache

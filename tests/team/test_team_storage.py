@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BUCKET, FaultProxy
+from team_testing import BUCKET, FaultProxy
 
 from qvggt.io import sha256_file
 from qvggt.pipeline.storage import ChecksumMismatch, S3Settings, S3Store, StorageConfigError, TransferError

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import BUCKET, Server
+from team_testing import BUCKET, Server
 
 from qvggt.io import sha256_file
 from qvggt.pipeline.registry import CandidateMetrics, register_candidate, update_champion

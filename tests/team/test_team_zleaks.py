@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-from conftest import BUCKET, TEST_ACCESS_KEY, TEST_SECRET_KEY, TEST_SECRETS, Server
+from team_testing import BUCKET, TEST_ACCESS_KEY, TEST_SECRET_KEY, TEST_SECRETS, Server
 
 from qvggt.pipeline.credentials import (
     MASK,
