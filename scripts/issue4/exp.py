@@ -32,6 +32,10 @@ p.add_argument("--match_w", type=float, default=0.0, help="weight of the cross-v
 p.add_argument("--match_tau", type=float, default=0.1)
 p.add_argument("--token_std", type=float, default=None, help="re-initialise the camera/register tokens with this std")
 p.add_argument("--pos_init", default=None, choices=[None, "sincos"], help="re-initialise the encoder's absolute position embedding")
+p.add_argument("--att_w", type=float, default=0.0, help="weight of the attention supervision: global layers' head --att_head attends from each frame-1 patch to the frame-0 patch seeing the same point")
+p.add_argument("--att_layers", default="2,3,4,5,6,7")
+p.add_argument("--att_head", type=int, default=0)
+p.add_argument("--flow_w", type=float, default=0.0, help="weight of a dense flow regression: a linear map of each frame-1 patch token (last layer) to its match's offset in frame 0")
 p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
 
@@ -106,13 +110,11 @@ model.aggregator.register_forward_hook(lambda m, i, o: feats.__setitem__("last",
 proj = torch.nn.Linear(2 * cfg.embed_dim, 64)
 
 
-def match_loss(tokens, b):
-    """InfoNCE between frame-1 patch tokens and the frame-0 patch token that sees the same surface point.
-
-    tokens [B, S, P, 2C]; ground truth: the world point at each frame-1 patch centre projected into frame 0
-    (whose extrinsic is the identity after renormalisation), kept if frame 0's depth there agrees (visible)."""
+def match_targets(b):
+    """For each frame-1 patch: the index of the frame-0 patch seeing the same surface point, and whether it is
+    visible there. Ground truth: the world point at the frame-1 patch centre projected into frame 0 (whose
+    extrinsic is the identity after renormalisation), kept if frame 0's depth there agrees."""
     ps = 14; B, S, _, H, W = b["images"].shape; gh, gw = H // ps, W // ps
-    x = torch.nn.functional.normalize(proj(tokens[:, :, model.aggregator.patch_start_idx:]), dim=-1)  # [B,S,N,64]
     c = torch.arange(gh) * ps + ps // 2
     pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)  # [B,N,3] frame-0 coordinates
     ok1 = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1)
@@ -126,7 +128,13 @@ def match_loss(tokens, b):
     d0 = b["depth"][:, 0][torch.arange(B)[:, None], vc, uc]
     ok0 = b["valid_mask"][:, 0][torch.arange(B)[:, None], vc, uc]
     vis = ok1 & inb & ok0 & ((d0 - pts[..., 2]).abs() < 0.03 * pts[..., 2])
-    tgt = (vc // ps) * gw + uc // ps
+    return vis, (vc // ps) * gw + uc // ps
+
+
+def match_loss(tokens, b):
+    """InfoNCE between frame-1 patch tokens [B, S, P, 2C] and their frame-0 matches."""
+    x = torch.nn.functional.normalize(proj(tokens[:, :, model.aggregator.patch_start_idx:]), dim=-1)  # [B,S,N,64]
+    vis, tgt = match_targets(b)
     logits = torch.einsum("bnc,bmc->bnm", x[:, 1], x[:, 0]) / a.match_tau
     if vis.sum() == 0:
         return logits.sum() * 0, 0.0
@@ -135,10 +143,69 @@ def match_loss(tokens, b):
     return ce, acc
 
 
+def flow_loss(tokens, b):
+    """L1 between a linear read-out of frame-1 patch tokens and the offset (image widths) to their frame-0 match."""
+    ps = 14; B, S, _, H, W = b["images"].shape; gh = H // ps
+    c = torch.arange(gh) * ps + ps // 2
+    pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)
+    ok = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1) & (pts[..., 2] > 1e-4)
+    K = b["intrinsics"][:, 0]
+    z = pts[..., 2].clamp(min=1e-6)
+    du = (K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2] - c.repeat(gh)[None].float()) / W
+    dv = (K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2] - c.repeat_interleave(gh)[None].float()) / H
+    tgt = torch.stack([du, dv], -1).clamp(-3, 3)
+    pred = flow_proj(tokens[:, 1, model.aggregator.patch_start_idx:])
+    if ok.sum() == 0:
+        return pred.sum() * 0, 0.0
+    err = (pred - tgt).abs()[ok]
+    return err.mean(), float(err.mean())
+
+
+flow_proj = torch.nn.Linear(2 * cfg.embed_dim, 2)
+att_logits = []
+
+
+def supervised_forward(attn):
+    """Attention.forward that also keeps head --att_head's logits of frame-1 patch queries over all keys."""
+    import torch.nn.functional as F
+
+    def fwd(x, pos=None):
+        B, N, C = x.shape
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = attn.rope(q, pos), attn.rope(k, pos)
+        P = N // 2; ps0 = model.aggregator.patch_start_idx
+        att_logits.append(q[:, a.att_head, P + ps0:] @ k[:, a.att_head].transpose(-1, -2) / attn.head_dim ** 0.5)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+    return fwd
+
+
+def att_loss(b):
+    vis, tgt = match_targets(b)
+    ps0 = model.aggregator.patch_start_idx
+    if vis.sum() == 0:
+        return sum(x.sum() for x in att_logits) * 0, 0.0
+    ces, accs = [], []
+    for lg in att_logits:  # [B, N1, S*P]
+        ces.append(torch.nn.functional.cross_entropy(lg[vis], (tgt + ps0)[vis]))
+        accs.append(float((lg[vis].argmax(-1) == (tgt + ps0)[vis]).float().mean()))
+    return torch.stack(ces).mean(), accs[-1]
+
+
+if a.att_w:
+    for i in (int(x) for x in a.att_layers.split(",")):
+        ga = model.aggregator.global_blocks[i].attn
+        ga.forward = supervised_forward(ga)
+
+
 head = [p_ for n, p_ in model.named_parameters() if n.startswith("camera_head") or "camera_token" in n]
 hid = {id(x) for x in head}
 rest = [p_ for p_ in model.parameters() if id(p_) not in hid]
 groups = [{"params": rest, "lr": a.lr}, {"params": head, "lr": a.lr * a.head_lr_mult}]
+if a.flow_w:
+    groups.append({"params": list(flow_proj.parameters()), "lr": a.lr})
 if a.match_w:
     groups.append({"params": list(proj.parameters()), "lr": a.lr})
 opt = torch.optim.AdamW(groups, weight_decay=0.05)
@@ -157,6 +224,7 @@ for step in range(1, a.steps + 1):
     idx = list(rng.integers(0, a.scenes, a.bs))
     b = renorm(cache.batch(idx), pick_frames(rng))
     model.train()
+    att_logits.clear()
     preds = model(b["images"])
     L = vggt_loss(preds, b, w)
     obj = L["objective"]
@@ -164,6 +232,14 @@ for step in range(1, a.steps + 1):
         ml, macc = match_loss(feats["last"], b)
         obj = obj + a.match_w * ml
         mlog.append((float(ml), macc))
+    if a.flow_w:
+        fl, fe = flow_loss(feats["last"], b)
+        obj = obj + a.flow_w * fl
+        mlog.append((float(fl), fe))
+    if a.att_w:
+        al, aacc = att_loss(b)
+        obj = obj + a.att_w * al
+        mlog.append((float(al), aacc))
     opt.zero_grad(); obj.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
     log.append(float(L["loss_camera"]))
