@@ -36,6 +36,8 @@ p.add_argument("--att_w", type=float, default=0.0, help="weight of the attention
 p.add_argument("--att_layers", default="2,3,4,5,6,7")
 p.add_argument("--att_head", type=int, default=0)
 p.add_argument("--flow_w", type=float, default=0.0, help="weight of a dense flow regression: a linear map of each frame-1 patch token (last layer) to its match's offset in frame 0")
+p.add_argument("--pos_values", type=float, default=0.0, help="in the --att_layers, head --att_head's values carry the key's patch (y, x) and its output the query's own (scale; 0: off)")
+p.add_argument("--probe", action="store_true", help="after training, the per-axis yaw probe on 128 training and 128 held-out pairs")
 p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
 
@@ -177,7 +179,16 @@ def supervised_forward(attn):
         q, k = attn.rope(q, pos), attn.rope(k, pos)
         P = N // 2; ps0 = model.aggregator.patch_start_idx
         att_logits.append(q[:, a.att_head, P + ps0:] @ k[:, a.att_head].transpose(-1, -2) / attn.head_dim ** 0.5)
+        if a.pos_values:  # a soft-argmax of the match's position, and the query's own, in 4 channels of one head
+            g = model.aggregator.patch_embed.pos_embed.shape[1] - 1
+            yx = pos.yx.to(v.dtype) / round(g ** 0.5) * a.pos_values  # [B, N, 2]; special tokens at 0
+            h0 = a.att_head
+            vh = torch.cat([yx, v[:, h0, :, 2:]], -1)
+            v = torch.cat([v[:, :h0], vh[:, None], v[:, h0 + 1:]], 1)
         out = F.scaled_dot_product_attention(q, k, v)
+        if a.pos_values:
+            oh = torch.cat([out[:, h0, :, :2], yx, out[:, h0, :, 4:]], -1)
+            out = torch.cat([out[:, :h0], oh[:, None], out[:, h0 + 1:]], 1)
         return attn.proj(out.transpose(1, 2).reshape(B, N, C))
     return fwd
 
@@ -257,4 +268,24 @@ rt = pose_eval(model, tr_eval, list(range(n_tr))); rh = pose_eval(model, ho_eval
 print(f"DONE {a.name} steps={step} wall={el:.0f}s eval_frames={ev_frames}")
 print("  train  ", fmt(rt)); print("  heldout", fmt(rh))
 json.dump({"args": vars(a), "steps": step, "wall_s": el, "train": rt, "heldout": rh}, open(f"runs/issue4/{a.name}.json", "w"), indent=1)
-torch.save(model.state_dict(), f"runs/issue4/{a.name}.pt")
+if a.steps: torch.save(model.state_dict(), f"runs/issue4/{a.name}.pt")
+if a.probe:  # yaw_probe_split.py on this process's model (keeps any forward patches: --att_w, --pos_values)
+    from scipy.spatial.transform import Rotation
+    from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
+    model.eval()
+    ho128 = SceneCache(build_cache("runs/issue4/cache", list(range(200000, 200128)), [CATEGORIES[s % 8] for s in range(200000, 200128)], 8, 126, progress=False))
+    for name, c in (("train", cache), ("held-out", ho128)):
+        g, pr = [], []
+        with torch.no_grad():
+            for k in range(0, 128, 8):
+                b = renorm(c.batch(list(range(k, k + 8))), [0, 1])
+                att_logits.clear()
+                E = pose_encoding_to_extri_intri(model(b["images"])["pose_enc"], (126, 126))[0].numpy()
+                for j in range(8):
+                    g.append(Rotation.from_matrix(b["extrinsics"][j, 1, :, :3].numpy()).as_rotvec(degrees=True))
+                    pr.append(Rotation.from_matrix(E[j, 1, :, :3]).as_rotvec(degrees=True))
+        g, pr = np.array(g), np.array(pr)
+        err = [np.degrees(np.linalg.norm((Rotation.from_rotvec(x, degrees=True).inv() * Rotation.from_rotvec(y, degrees=True)).as_rotvec())) for x, y in zip(pr, g)]
+        print(f"PROBE {name}: rot median {np.median(err):.1f} (identity {np.median(np.linalg.norm(g, axis=1)):.1f}) | "
+              + " | ".join(f"axis {i}: corr {np.corrcoef(g[:, i], pr[:, i])[0, 1]:.2f}" for i in range(2))
+              + f" | yaw sign agreement {np.mean(np.sign(g[:, 1]) == np.sign(pr[:, 1])):.2f} | pred yaw std {pr[:, 1].std():.1f}", flush=True)
