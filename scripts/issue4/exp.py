@@ -4,6 +4,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 sys.path.insert(0, "scripts/issue4")
 from ev import pose_eval, fmt
+from exp_util import patch_flow
 from qvggt.config import TrainConfig, DataConfig
 from qvggt.data.synthetic import CATEGORIES
 from qvggt.model import build_model, get_preset
@@ -147,15 +148,8 @@ def match_loss(tokens, b):
 
 def flow_loss(tokens, b):
     """L1 between a linear read-out of frame-1 patch tokens and the offset (image widths) to their frame-0 match."""
-    ps = 14; B, S, _, H, W = b["images"].shape; gh = H // ps
-    c = torch.arange(gh) * ps + ps // 2
-    pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)
-    ok = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1) & (pts[..., 2] > 1e-4)
-    K = b["intrinsics"][:, 0]
-    z = pts[..., 2].clamp(min=1e-6)
-    du = (K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2] - c.repeat(gh)[None].float()) / W
-    dv = (K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2] - c.repeat_interleave(gh)[None].float()) / H
-    tgt = torch.stack([du, dv], -1).clamp(-3, 3)
+    du, dv, ok = patch_flow(b)
+    tgt = torch.stack([du, dv], -1)
     pred = flow_proj(tokens[:, 1, model.aggregator.patch_start_idx:])
     if ok.sum() == 0:
         return pred.sum() * 0, 0.0

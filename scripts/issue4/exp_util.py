@@ -59,3 +59,20 @@ def load_scratch(path, dense, init_values=None):
     m = build_model(cfg)
     m.load_state_dict(torch.load(path, weights_only=True))
     return m.eval()
+
+
+def patch_flow(b, ps=14):
+    """Ground-truth flow of frame 1's patch centres into frame 0 (renormalised batch: frame 0 is the identity).
+
+    Returns (du, dv) [B, N] in image widths/heights, clamped to +-3, and ``ok`` [B, N]: the centre hits a surface
+    in front of camera 0 (no occlusion test)."""
+    B, S, _, H, W = b["images"].shape
+    gh = H // ps
+    c = torch.arange(gh) * ps + ps // 2
+    pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)
+    ok = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1) & (pts[..., 2] > 1e-4)
+    K = b["intrinsics"][:, 0]
+    z = pts[..., 2].clamp(min=1e-6)
+    du = (K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2] - c.repeat(gh)[None].float()) / W
+    dv = (K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2] - c.repeat_interleave(gh)[None].float()) / H
+    return du.clamp(-3, 3), dv.clamp(-3, 3), ok

@@ -11,18 +11,8 @@ from qvggt.train.data import SceneCache, build_cache
 
 
 def flow_features(b):
-    ps = 14; B, S, _, H, W = b["images"].shape; gh = H // ps
-    c = torch.arange(gh) * ps + ps // 2
-    pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)
-    ok = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1)
-    K = b["intrinsics"][:, 0]
-    z = pts[..., 2].clamp(min=1e-6)
-    u = K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2]
-    v = K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2]
-    ok = ok & (pts[..., 2] > 1e-4)
-    du = torch.where(ok, (u - c.repeat(gh)[None].float()) / W, 0).clamp(-3, 3)  # flow in image widths
-    dv = torch.where(ok, (v - c.repeat_interleave(gh)[None].float()) / H, 0).clamp(-3, 3)
-    return torch.cat([du, dv, ok.float()], 1).numpy()
+    du, dv, ok = patch_flow(b)
+    return torch.cat([torch.where(ok, du, 0), torch.where(ok, dv, 0), ok.float()], 1).numpy()
 
 
 def dataset(cache, n):

@@ -18,15 +18,9 @@ def samples(m, cache, n):
         for k in range(0, n, 8):
             b = gt_batch(cache, list(range(k, k + 8)), [0, 1])
             m(b["images"])
-            ps = 14; B, S, _, H, W = b["images"].shape; gh = H // ps
-            c = torch.arange(gh) * ps + ps // 2
-            pts = b["world_points"][:, 1][:, c][:, :, c].reshape(B, -1, 3)
-            ok = b["valid_mask"][:, 1][:, c][:, :, c].reshape(B, -1) & (pts[..., 2] > 1e-4)
-            K = b["intrinsics"][:, 0]; z = pts[..., 2].clamp(min=1e-6)
-            du = (K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2] - c.repeat(gh)[None].float()) / W
-            dv = (K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2] - c.repeat_interleave(gh)[None].float()) / H
+            du, dv, ok = patch_flow(b)
             tok = feats["last"][:, 1, m.aggregator.patch_start_idx:]
-            X.append(tok[ok].numpy()); Y.append(torch.stack([du, dv], -1).clamp(-3, 3)[ok].numpy())
+            X.append(tok[ok].numpy()); Y.append(torch.stack([du, dv], -1)[ok].numpy())
     h.remove()
     return np.concatenate(X), np.concatenate(Y)
 
