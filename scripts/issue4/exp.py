@@ -4,7 +4,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 sys.path.insert(0, "scripts/issue4")
 from ev import pose_eval, fmt
-from exp_util import patch_flow
+from exp_util import pair_rotvecs, patch_flow
 from qvggt.config import TrainConfig, DataConfig
 from qvggt.data.synthetic import CATEGORIES
 from qvggt.model import build_model, get_preset
@@ -265,20 +265,14 @@ json.dump({"args": vars(a), "steps": step, "wall_s": el, "train": rt, "heldout":
 if a.steps: torch.save(model.state_dict(), f"runs/issue4/{a.name}.pt")
 if a.probe:  # yaw_probe_split.py on this process's model (keeps any forward patches: --att_w, --pos_values)
     from scipy.spatial.transform import Rotation
-    from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
     model.eval()
     ho128 = SceneCache(build_cache("runs/issue4/cache", list(range(200000, 200128)), [CATEGORIES[s % 8] for s in range(200000, 200128)], 8, 126, progress=False))
     for name, c in (("train", cache), ("held-out", ho128)):
-        g, pr = [], []
-        with torch.no_grad():
-            for k in range(0, 128, 8):
-                b = renorm(c.batch(list(range(k, k + 8))), [0, 1])
-                att_logits.clear()
-                E = pose_encoding_to_extri_intri(model(b["images"])["pose_enc"], (126, 126))[0].numpy()
-                for j in range(8):
-                    g.append(Rotation.from_matrix(b["extrinsics"][j, 1, :, :3].numpy()).as_rotvec(degrees=True))
-                    pr.append(Rotation.from_matrix(E[j, 1, :, :3]).as_rotvec(degrees=True))
-        g, pr = np.array(g), np.array(pr)
+        def probe_batch(idx, c=c):
+            att_logits.clear()  # the patched forward records logits; keep memory flat
+            return renorm(c.batch(idx), [0, 1])
+
+        g, pr = pair_rotvecs(model, probe_batch, 128)
         err = [np.degrees(np.linalg.norm((Rotation.from_rotvec(x, degrees=True).inv() * Rotation.from_rotvec(y, degrees=True)).as_rotvec())) for x, y in zip(pr, g)]
         print(f"PROBE {name}: rot median {np.median(err):.1f} (identity {np.median(np.linalg.norm(g, axis=1)):.1f}) | "
               + " | ".join(f"axis {i}: corr {np.corrcoef(g[:, i], pr[:, i])[0, 1]:.2f}" for i in range(2))

@@ -76,3 +76,19 @@ def patch_flow(b, ps=14):
     du = (K[:, None, 0, 0] * pts[..., 0] / z + K[:, None, 0, 2] - c.repeat(gh)[None].float()) / W
     dv = (K[:, None, 1, 1] * pts[..., 1] / z + K[:, None, 1, 2] - c.repeat_interleave(gh)[None].float()) / H
     return du.clamp(-3, 3), dv.clamp(-3, 3), ok
+
+
+@torch.no_grad()
+def pair_rotvecs(model, batch_fn, n, bs=8):
+    """Rotation vectors (degrees, camera 0's axes) of frame 1 relative to frame 0: truth and prediction [n, 3] each,
+    over the 2-frame batches ``batch_fn(indices)`` for indices 0..n-1 (the yaw probes' data)."""
+    from scipy.spatial.transform import Rotation
+
+    g, p = [], []
+    for k in range(0, n, bs):
+        b = batch_fn(list(range(k, min(n, k + bs))))
+        E = pose_encoding_to_extri_intri(model(b["images"])["pose_enc"], (126, 126))[0].numpy()
+        for j in range(len(E)):
+            g.append(Rotation.from_matrix(b["extrinsics"][j, 1, :, :3].numpy()).as_rotvec(degrees=True))
+            p.append(Rotation.from_matrix(E[j, 1, :, :3]).as_rotvec(degrees=True))
+    return np.array(g), np.array(p)

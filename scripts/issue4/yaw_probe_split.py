@@ -1,12 +1,10 @@
 """yaw_probe.py on training pairs (seeds 0-127 of the 2,000-scene cache) and held-out pairs (seeds 200000-200127):
 is the yaw learned and not transferred (memorised), or not learned at all? Also the yaw's sign agreement."""
 import sys, numpy as np, torch
-from scipy.spatial.transform import Rotation
 torch.set_num_threads(1)
 sys.path.insert(0, "scripts/issue4")
 from exp_util import *  # noqa
 from qvggt.train.data import SceneCache, build_cache
-from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 cats = list(DataConfig().train_categories())
 tr_seeds = list(range(2000))
 tr = SceneCache(build_cache("runs/issue4/cache", tr_seeds, [cats[s % len(cats)] for s in tr_seeds], 8, 126, progress=False))
@@ -15,15 +13,7 @@ ho = SceneCache(build_cache("runs/issue4/cache", hs, [CATEGORIES[s % 8] for s in
 for path in sys.argv[1:]:
     m = load_scratch(path, False)
     for name, cache in (("train", tr), ("held-out", ho)):
-        g, p = [], []
-        with torch.no_grad():
-            for k in range(0, 128, 8):
-                b = gt_batch(cache, list(range(k, k + 8)), [0, 1])
-                E = pose_encoding_to_extri_intri(m(b["images"])["pose_enc"], (126, 126))[0].numpy()
-                for j in range(8):
-                    g.append(Rotation.from_matrix(b["extrinsics"][j, 1, :, :3].numpy()).as_rotvec(degrees=True))
-                    p.append(Rotation.from_matrix(E[j, 1, :, :3]).as_rotvec(degrees=True))
-        g, p = np.array(g), np.array(p)
+        g, p = pair_rotvecs(m, lambda idx: gt_batch(cache, idx, [0, 1]), 128)
         sign = np.mean(np.sign(g[:, 1]) == np.sign(p[:, 1]))
         print(path.split("/")[-1], name, " | ".join(
             f"axis {a}: corr {np.corrcoef(g[:, a], p[:, a])[0, 1]:.2f} slope {np.polyfit(g[:, a], p[:, a], 1)[0]:.2f}"
