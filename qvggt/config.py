@@ -129,14 +129,19 @@ class TrainConfig(Section):
     mlflow_tracking_uri: str | None = None
     # Held-out validation (qvggt/train/validation.py) every ``val_every`` steps (0: off) on ``val_scenes`` scenes of
     # data.eval_seeds; from ``gate_step`` on, each validation must find the median rotation error at least
-    # ``gate_min_gain`` below identity poses' or the run stops (resumable). None of these change what is trained.
+    # ``gate_min_gain`` below identity poses' (and, if set, the held-out yaw correlation at least ``gate_min_yaw_corr``,
+    # which a model that ignores the other views cannot reach) or the run stops (resumable). None of these change
+    # what is trained.
     val_every: int = Field(0, ge=0)
     val_scenes: int = Field(32, ge=1)
     gate_step: int | None = Field(None, ge=1)
     gate_min_gain: float = Field(0.15, ge=0, lt=1)
+    gate_min_yaw_corr: float | None = Field(None, gt=-1, le=1)
 
     #: Fields that do not change the trained weights: a run may resume with other values of them.
-    NOT_TRAINING: ClassVar[frozenset[str]] = frozenset({"val_every", "val_scenes", "gate_step", "gate_min_gain"})
+    NOT_TRAINING: ClassVar[frozenset[str]] = frozenset(
+        {"val_every", "val_scenes", "gate_step", "gate_min_gain", "gate_min_yaw_corr"}
+    )
 
     def training_signature(self) -> str:
         """JSON of the fields that determine the trained weights (what a resumed run must share)."""

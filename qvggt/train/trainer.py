@@ -128,10 +128,24 @@ def _make_model(cfg: TrainConfig) -> VGGT:
 
 
 def _append_metrics(path: Path, rows: list[dict]) -> None:
-    new = not path.exists()
+    """Append ``rows`` to the CSV at ``path``; a file whose header lacks some of their columns (written by an
+    older version, then resumed) is rewritten under the union of the columns, old rows left blank in the new ones."""
+    fields = list(rows[0])
+    header = None
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+    if header is not None and not set(fields) <= set(header):
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+        with atomic_open(path, "w") as f:
+            writer = csv.DictWriter(f, fieldnames=header + [k for k in fields if k not in header], restval="")
+            writer.writeheader()
+            writer.writerows(old + rows)
+        return
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
+        writer = csv.DictWriter(f, fieldnames=header or fields, restval="")
+        if header is None:
             writer.writeheader()
         writer.writerows(rows)
 
@@ -284,7 +298,8 @@ def _log_validation(result: ValidationResult, path: Path, tracker, bar: tqdm) ->
         tracker.log_metrics({f"val_{k}": v for k, v in row.items() if k != "step"}, step=result.step)
     bar.write(
         f"step {result.step}: held-out rotation {result.rot_median:.1f} deg (identity {result.identity_rot_median:.1f},"
-        f" {100 * result.rot_gain:+.1f} %), AUC@30 {result.pose_auc30:.1f}, depth AbsRel {result.depth_abs_rel:.3f}"
+        f" {100 * result.rot_gain:+.1f} %), yaw corr {result.yaw_corr:.2f}, AUC@30 {result.pose_auc30:.1f},"
+        f" depth AbsRel {result.depth_abs_rel:.3f}"
     )
 
 

@@ -5,12 +5,17 @@ seed in its default category ``CATEGORIES[seed % 8]``, so the held-out categorie
 ``num_frames`` frames: the protocol of ``qvggt eval --frames S`` on ``synthetic:eval``. It reports, pooled over
 the scenes, the median relative rotation and translation-direction errors of all frame pairs, pose AUC@30, the
 same median rotation error of identity poses (the trivial baseline the issue's bar is stated against), and the
-mean per-scene depth AbsRel (per-frame median-aligned, as the evaluation does). The scenes are cached like the
+mean per-scene depth AbsRel (per-frame median-aligned, as the evaluation does), and ``yaw_corr``: the correlation,
+over every scene's frames 1..S-1, of the predicted and true yaw relative to frame 0
+(:func:`~qvggt.eval.metrics.pose.reference_yaw_deg`). The median error can beat identity monocularly (the change
+of elevation shows in each image alone); the yaw, the turn around the scene, needs the views matched, so a model
+that ignores the other frames scores ~0 there (docs/TRAINING_NOTES.md, sections 5-7). The scenes are cached like the
 training set, so a validation costs a forward pass per scene and no rendering after the first.
 
 The gate: ``train.gate_step`` names the step at which the held-out rotation error must be at least
-``train.gate_min_gain`` (a fraction) below identity's; the first validation at or after it decides, and a run that
-fails stops there with :class:`GateFailed` (its state stays resumable in ``work_dir``). A long retrain thereby
+``train.gate_min_gain`` (a fraction) below identity's and, when ``train.gate_min_yaw_corr`` is set, ``yaw_corr`` at
+least that; the first validation at or after it decides, and a run that fails stops there with :class:`GateFailed`
+(its state stays resumable in ``work_dir``). A long retrain thereby
 spends its hours only while pose is being learned.
 """
 
@@ -25,7 +30,7 @@ import torch
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.data.synthetic import CATEGORIES
 from qvggt.eval.metrics.depth import depth_metrics
-from qvggt.eval.metrics.pose import pose_auc, pose_errors
+from qvggt.eval.metrics.pose import pose_auc, pose_errors, reference_yaw_deg
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.model import VGGT
 from qvggt.train.data import SceneCache
@@ -47,6 +52,7 @@ class ValidationResult:
     pose_auc30: float
     identity_rot_median: float
     depth_abs_rel: float  # NaN when the model has no depth head
+    yaw_corr: float  # 0 when the predicted (or true) yaw does not vary
 
     @property
     def rot_gain(self) -> float:
@@ -71,7 +77,7 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
     """Score ``model`` on every scene of ``cache`` (module docstring); restores the model's train/eval mode."""
     was_training = model.training
     model.eval()
-    rots, transes, id_rots, abs_rels = [], [], [], []
+    rots, transes, id_rots, abs_rels, yaws, true_yaws = [], [], [], [], [], []
     try:
         for start in range(0, len(cache), batch_size):
             batch = cache.batch(list(range(start, min(start + batch_size, len(cache)))))
@@ -85,6 +91,8 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
                 rots.append(rot)
                 transes.append(trans)
                 id_rots.append(pose_errors(np.broadcast_to(np.eye(3, 4), gt.shape), gt)[0])
+                yaws.append(reference_yaw_deg(extrinsics[j]))
+                true_yaws.append(reference_yaw_deg(gt))
                 if "depth" in preds:
                     m = depth_metrics(preds["depth"][j].float().cpu(), batch["depth"][j], batch["valid_mask"][j])
                     abs_rels.append(m["depth_abs_rel"])
@@ -98,21 +106,43 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
         pose_auc30=pose_auc(rot, trans, 30),
         identity_rot_median=float(np.median(np.concatenate(id_rots))),
         depth_abs_rel=float(np.mean(abs_rels)) if abs_rels else math.nan,
+        yaw_corr=_correlation(np.concatenate(yaws), np.concatenate(true_yaws)),
     )
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant (a constant prediction carries no yaw) or non-finite."""
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or a.std() < 1e-9 or b.std() < 1e-9:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _shortfalls(result: ValidationResult, cfg: TrainConfig) -> list[str]:
+    """What ``result`` misses of the gate's demands (empty: passed)."""
+    out = []
+    if result.rot_gain < cfg.gate_min_gain:
+        out.append(
+            f"held-out median rotation error {result.rot_median:.1f} deg is {100 * result.rot_gain:.1f} % below "
+            f"identity's {result.identity_rot_median:.1f} deg; train.gate_min_gain asks for {100 * cfg.gate_min_gain:.0f} %"
+        )
+    if cfg.gate_min_yaw_corr is not None and result.yaw_corr < cfg.gate_min_yaw_corr:
+        out.append(
+            f"held-out yaw correlation {result.yaw_corr:.2f} is below train.gate_min_yaw_corr="
+            f"{cfg.gate_min_yaw_corr:.2f} (the views are not being matched)"
+        )
+    return out
 
 
 def gate_failed(result: ValidationResult, cfg: TrainConfig) -> bool:
     """Whether ``result`` falls under the gate (at or after ``gate_step``) and pose has not learned enough."""
-    return cfg.gate_step is not None and result.step >= cfg.gate_step and result.rot_gain < cfg.gate_min_gain
+    return cfg.gate_step is not None and result.step >= cfg.gate_step and bool(_shortfalls(result, cfg))
 
 
 def check_gate(result: ValidationResult, cfg: TrainConfig) -> None:
     """Raise :class:`GateFailed` when :func:`gate_failed`."""
     if gate_failed(result, cfg):
         raise GateFailed(
-            f"gate at step {result.step} (train.gate_step={cfg.gate_step}): held-out median rotation error "
-            f"{result.rot_median:.1f} deg is {100 * result.rot_gain:.1f} % below identity's "
-            f"{result.identity_rot_median:.1f} deg; train.gate_min_gain asks for {100 * cfg.gate_min_gain:.0f} %. "
-            "The run stopped; its state is kept in the work dir (raise train.gate_step or lower gate_min_gain, "
-            "then rerun, to go on)"
+            f"gate at step {result.step} (train.gate_step={cfg.gate_step}): {'; '.join(_shortfalls(result, cfg))}. "
+            "The run stopped; its state is kept in the work dir (raise train.gate_step or lower the gate's "
+            "thresholds, then rerun, to go on)"
         )

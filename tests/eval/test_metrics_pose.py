@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from qvggt.eval.metrics import pose_auc, pose_errors, pose_metrics, pose_pairs, rra, rta
+from qvggt.eval.metrics import pose_auc, pose_errors, pose_metrics, pose_pairs, reference_yaw_deg, rra, rta
 from qvggt.geometry.rotation import mat_to_quat
 
 CONVENTIONS = ("vggt", "cam_j_from_cam_i")
@@ -199,3 +199,17 @@ def test_accepts_torch_and_4x4() -> None:
     E4[:, :3] = E
     rot, trans = pose_errors(torch.from_numpy(E4).float(), torch.from_numpy(E))
     assert rot.max() < 1e-3 and trans.max() < 1e-3
+
+
+def test_reference_yaw_is_the_turn_about_camera_zeros_vertical_axis() -> None:
+    E = _cameras(4, seed=3)
+    E[1] = _perturb(E, 0, _rot_y(25.0))[0]  # camera 0 turned 25 deg about its own y axis
+    E[2] = _perturb(E, 0, Rotation.from_euler("x", 15.0, degrees=True).as_matrix())[0]  # tilted: no yaw
+    E[3] = _perturb(E, 0, _rot_y(-40.0))[0]
+    np.testing.assert_allclose(reference_yaw_deg(E), [25.0, 0.0, -40.0], atol=1e-9)
+    # A rotation of the whole world (extrinsics act on world points: E_k -> E_k @ W) changes no relative yaw.
+    W = np.eye(4)
+    W[:3, :3] = Rotation.random(random_state=5).as_matrix()
+    np.testing.assert_allclose(reference_yaw_deg(E @ W), [25.0, 0.0, -40.0], atol=1e-9)
+    with pytest.raises(ValueError, match="at least 2 cameras"):
+        reference_yaw_deg(E[:1])

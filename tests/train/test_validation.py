@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 from tiny_train import TINY_TRAIN
 from torch import nn
 
@@ -16,8 +17,8 @@ from qvggt.data.synthetic import CATEGORIES
 from qvggt.geometry.pose_encoding import extri_intri_to_pose_encoding
 from qvggt.model import load_vggt
 from qvggt.train.data import SceneCache, build_cache
-from qvggt.train.trainer import train
-from qvggt.train.validation import GateFailed, validate, validation_scenes
+from qvggt.train.trainer import _append_metrics, train
+from qvggt.train.validation import GateFailed, check_gate, gate_failed, validate, validation_scenes
 
 CFG = TINY_TRAIN.model_copy(update={"checkpoint_every": 100, "val_every": 2, "val_scenes": 2})
 
@@ -27,18 +28,35 @@ def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-class _PoseOracle(nn.Module):
-    """Answers each scene of a cache, in order, with its ground-truth poses (``truth=True``) or identity poses."""
+def _without_yaw(extr: torch.Tensor) -> torch.Tensor:
+    """Extrinsics [B, S, 3, 4] whose rotations relative to frame 0 lose their component about camera 0's y axis:
+    what a monocular model can know (the change of elevation and roll), not the turn around the scene."""
+    out = extr.clone().double()
+    for b in range(out.shape[0]):
+        R0 = out[b, 0, :, :3].numpy()
+        rv = Rotation.from_matrix(out[b, 1:, :, :3].numpy() @ R0.T).as_rotvec()
+        rv[:, 1] = 0.0
+        out[b, 1:, :, :3] = torch.from_numpy(Rotation.from_rotvec(rv).as_matrix() @ R0)
+    return out.float()
 
-    def __init__(self, cache: SceneCache, truth: bool) -> None:
+
+class _PoseOracle(nn.Module):
+    """Answers each scene of a cache, in order, with its ground-truth poses (``mode="truth"``), identity poses
+    (``"identity"``) or the truth without the relative yaw (``"no_yaw"``)."""
+
+    def __init__(self, cache: SceneCache, mode: str) -> None:
         super().__init__()
-        self.cache, self.truth, self.seen = cache, truth, 0
+        self.cache, self.mode, self.seen = cache, mode, 0
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         b = self.cache.batch(list(range(self.seen, self.seen + images.shape[0])))
         self.seen += images.shape[0]
         assert torch.equal(b["images"], images)  # validate feeds the cache's scenes in order
-        extr = b["extrinsics"] if self.truth else torch.eye(3, 4).expand_as(b["extrinsics"])
+        extr = {
+            "truth": lambda e: e,
+            "identity": lambda e: torch.eye(3, 4).expand_as(e),
+            "no_yaw": _without_yaw,
+        }[self.mode](b["extrinsics"])
         return {"pose_enc": extri_intri_to_pose_encoding(extr, b["intrinsics"], tuple(images.shape[-2:]))}
 
 
@@ -52,12 +70,29 @@ def test_validation_scenes_are_the_eval_split_in_all_categories() -> None:
 def test_scores_of_perfect_and_identity_poses(cache_root: Path) -> None:
     seeds, cats = validation_scenes(DataConfig(), 3)
     cache = SceneCache(build_cache(cache_root, seeds, cats, 3, 42, progress=False))
-    perfect = validate(_PoseOracle(cache, truth=True), cache, step=7, batch_size=2)
+    perfect = validate(_PoseOracle(cache, "truth"), cache, step=7, batch_size=2)
     assert perfect.step == 7 and perfect.rot_median < 0.05 and perfect.pose_auc30 > 99
     assert perfect.rot_gain > 0.99 and np.isnan(perfect.depth_abs_rel)  # no depth head, no depth score
-    identity = validate(_PoseOracle(cache, truth=False), cache, step=7)
+    assert perfect.yaw_corr > 0.999
+    identity = validate(_PoseOracle(cache, "identity"), cache, step=7)
     assert identity.rot_median == pytest.approx(identity.identity_rot_median, abs=1e-3)
     assert abs(identity.rot_gain) < 1e-4 and identity.identity_rot_median > 10  # these scenes do turn
+    assert identity.yaw_corr == 0.0  # a constant prediction carries no yaw
+
+
+def test_gate_on_yaw_stops_a_model_that_beats_identity_monocularly(cache_root: Path) -> None:
+    seeds, cats = validation_scenes(DataConfig(), 4)
+    cache = SceneCache(build_cache(cache_root, seeds, cats, 3, 42, progress=False))
+    mono = validate(_PoseOracle(cache, "no_yaw"), cache, step=10)
+    perfect = validate(_PoseOracle(cache, "truth"), cache, step=10)
+    assert mono.rot_gain > 0.05 and mono.yaw_corr == 0.0  # beats identity without any yaw
+    by_gain = TrainConfig(val_every=10, gate_step=10, gate_min_gain=0.05)
+    by_yaw = by_gain.model_copy(update={"gate_min_yaw_corr": 0.3})
+    assert not gate_failed(mono, by_gain) and gate_failed(mono, by_yaw) and not gate_failed(perfect, by_yaw)
+    with pytest.raises(GateFailed, match=r"yaw correlation 0.00 is below train.gate_min_yaw_corr=0.30"):
+        check_gate(mono, by_yaw)
+    with pytest.raises(ValueError, match="gate_min_yaw_corr"):
+        TrainConfig(gate_min_yaw_corr=1.5)
 
 
 def test_validation_rows_gate_and_resume(tmp_path: Path, cache_root: Path) -> None:
@@ -66,6 +101,7 @@ def test_validation_rows_gate_and_resume(tmp_path: Path, cache_root: Path) -> No
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(float(r["identity_rot_median"]) > 0 and 0 < float(r["depth_abs_rel"]) < 10 for r in rows)
+    assert all(-1 <= float(r["yaw_corr"]) <= 1 for r in rows)
 
     # A gate nobody passes stops the run at its step, resumable, with nothing exported ...
     gated = CFG.model_copy(update={"gate_step": 2, "gate_min_gain": 0.99})
@@ -95,3 +131,18 @@ def test_gate_settings_are_checked() -> None:
         TrainConfig(gate_step=100)
     with pytest.raises(ValueError, match="num_frames >= 2"):
         TrainConfig(num_frames=1, val_every=10)
+
+
+def test_a_csv_from_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
+    # A run resumed across a version that added a column (yaw_corr) keeps its old rows and a consistent header.
+    path = tmp_path / "validation.csv"
+    path.write_text("step,rot_median\n2,30.0\n")
+    _append_metrics(path, [{"step": 4, "rot_median": 20.0, "yaw_corr": 0.5}])
+    _append_metrics(path, [{"step": 6, "rot_median": 10.0, "yaw_corr": 0.9}])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["rot_median"], r["yaw_corr"]) for r in rows] == [
+        ("2", "30.0", ""),
+        ("4", "20.0", "0.5"),
+        ("6", "10.0", "0.9"),
+    ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from qvggt.eval.metrics._common import to_numpy
 
@@ -81,6 +82,20 @@ def relative_poses(extrinsics: Any, convention: Convention = "vggt") -> np.ndarr
         if convention == "cam_j_from_cam_i":
             return E[j] @ _inv_se3(E[i])
     raise ValueError(f"convention must be 'vggt' or 'cam_j_from_cam_i', got {convention!r}")
+
+
+def reference_yaw_deg(extrinsics: Any) -> np.ndarray:
+    """Yaw [S-1] of cameras 1..S-1 relative to camera 0, in degrees: the component along camera 0's image-vertical
+    axis (y) of the rotation vector of ``R_k @ R_0^T`` (camera k from camera 0).
+
+    For cameras moving around a scene this is the turn around it, which no single image shows (unlike the change of
+    elevation, readable from the ground's tilt): a model that predicts it has matched views across frames.
+    """
+    E = _as_se3(extrinsics, "input")
+    if E.shape[0] < 2:
+        raise ValueError(f"reference_yaw_deg needs at least 2 cameras, got {E.shape[0]}")
+    R = E[1:, :3, :3] @ E[0, :3, :3].T
+    return Rotation.from_matrix(R).as_rotvec(degrees=True)[:, 1]
 
 
 def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
