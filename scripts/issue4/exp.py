@@ -1,10 +1,10 @@
 """Scratch pose-learning experiments (issue 4). One process, 1 thread."""
-import argparse, json, math, sys, time
+import argparse, json, math, os, sys, time
 import numpy as np, torch
 torch.set_num_threads(1)
 sys.path.insert(0, "scripts/issue4")
 from ev import pose_eval, fmt
-from exp_util import pair_rotvecs, patch_flow
+from exp_util import grid_flow, load_matcher, pair_rotvecs, patch_flow
 from qvggt.config import TrainConfig, DataConfig
 from qvggt.data.synthetic import CATEGORIES
 from qvggt.model import build_model, get_preset
@@ -38,6 +38,8 @@ p.add_argument("--att_layers", default="2,3,4,5,6,7")
 p.add_argument("--att_head", type=int, default=0)
 p.add_argument("--flow_w", type=float, default=0.0, help="weight of a dense flow regression: a linear map of each frame-1 patch token (last layer) to its match's offset in frame 0")
 p.add_argument("--pos_values", type=float, default=0.0, help="in the --att_layers, head --att_head's values carry the key's patch (y, x) and its output the query's own (scale; 0: off)")
+p.add_argument("--oracle_flow", type=float, default=0.0, help="oracle test: add a learned linear embedding of the ground-truth flow (du, dv, ok) of each frame-1 patch to its patch token (scale; 0: off)")
+p.add_argument("--oracle_matcher", default=None, help="with --oracle_flow: the flow comes from this frozen matcher's argmax (a model trained with --att_w), not the ground truth")
 p.add_argument("--probe", action="store_true", help="after training, the per-axis yaw probe on 128 training and 128 held-out pairs")
 p.add_argument("--save_every", type=int, default=0, help="write a snapshot runs/issue4/NAME_sSTEP.pt every N steps")
 a = p.parse_args()
@@ -50,6 +52,9 @@ cache = SceneCache(build_cache("runs/issue4/cache", seeds, cs, a.render_frames, 
 ho_seeds = list(range(200000, 200032))
 ho_cats = [CATEGORIES[s % 8] if a.cats == "train" else cats[i % len(cats)] for i, s in enumerate(ho_seeds)]
 ho = SceneCache(build_cache("runs/issue4/cache", ho_seeds, ho_cats, a.render_frames, 126, progress=False))
+
+
+ORACLE = {}
 
 
 def renorm(b, frames):
@@ -65,6 +70,7 @@ def renorm(b, frames):
     trel = E[..., 3] - torch.einsum("bsij,bj->bsi", Rrel, t0)
     ext = torch.cat([Rrel, (trel * s[:, None, None])[..., None]], -1)
     out = dict(b)
+    ORACLE["b"] = out  # the oracle hook reads the flow of the batch about to go through the model
     out.update(images=b["images"][:, frames], depth=(b["depth"][:, frames] * s[:, None, None, None]).float(),
                world_points=torch.where(m[..., None], pts * s[:, None, None, None, None], 0).float(), valid_mask=m,
                extrinsics=ext.float(), intrinsics=b["intrinsics"][:, frames])
@@ -109,6 +115,25 @@ if a.pos_init == "sincos":  # MAE-style 2-D sin-cos: absolute position in the to
         pe[0, 0] = 0
 model.aggregator.gradient_checkpointing = False
 feats = {}
+oracle_lin = torch.nn.Linear(3, cfg.embed_dim)
+
+
+def oracle_hook(m, i, o):
+    b = ORACLE["b"]
+    du, dv, ok = patch_flow(b)
+    if matcher is not None:  # the visibility stays the ground truth's (sky patches)
+        du, dv = grid_flow(matcher(b))
+    B, S = b["images"].shape[:2]
+    f1 = torch.stack([du * ok, dv * ok, ok.float()], -1)  # [B, N, 3]
+    f = torch.stack([torch.zeros_like(f1), f1], 1) if S == 2 else None
+    return o + a.oracle_flow * oracle_lin(f).reshape(B * S, -1, o.shape[-1])
+
+
+matcher = load_matcher(a.oracle_matcher) if a.oracle_matcher else None
+if a.oracle_flow:
+    model.aggregator.patch_embed.register_forward_hook(oracle_hook)
+    if a.init and os.path.exists(a.init.replace(".pt", "_oracle_lin.pt")):  # continuing an oracle run
+        oracle_lin.load_state_dict(torch.load(a.init.replace(".pt", "_oracle_lin.pt"), weights_only=True))
 model.aggregator.register_forward_hook(lambda m, i, o: feats.__setitem__("last", o[-1]))
 proj = torch.nn.Linear(2 * cfg.embed_dim, 64)
 
@@ -209,6 +234,8 @@ head = [p_ for n, p_ in model.named_parameters() if n.startswith("camera_head") 
 hid = {id(x) for x in head}
 rest = [p_ for p_ in model.parameters() if id(p_) not in hid]
 groups = [{"params": rest, "lr": a.lr}, {"params": head, "lr": a.lr * a.head_lr_mult}]
+if a.oracle_flow:
+    groups.append({"params": list(oracle_lin.parameters()), "lr": a.lr})
 if a.flow_w:
     groups.append({"params": list(flow_proj.parameters()), "lr": a.lr})
 if a.match_w:
@@ -263,6 +290,16 @@ print(f"DONE {a.name} steps={step} wall={el:.0f}s eval_frames={ev_frames}")
 print("  train  ", fmt(rt)); print("  heldout", fmt(rh))
 json.dump({"args": vars(a), "steps": step, "wall_s": el, "train": rt, "heldout": rh}, open(f"runs/issue4/{a.name}.json", "w"), indent=1)
 if a.steps: torch.save(model.state_dict(), f"runs/issue4/{a.name}.pt")
+if a.steps and a.oracle_flow: torch.save(oracle_lin.state_dict(), f"runs/issue4/{a.name}_oracle_lin.pt")
+if a.match_w:  # the InfoNCE matcher's top-1 on 128 held-out pairs (frames 0-1)
+    ho128m = SceneCache(build_cache("runs/issue4/cache", list(range(200000, 200128)), [CATEGORIES[s % 8] for s in range(200000, 200128)], 8, 126, progress=False))
+    model.eval(); hits = []
+    with torch.no_grad():
+        for k in range(0, 128, 8):
+            bb = renorm(ho128m.batch(list(range(k, k + 8))), [0, 1])
+            model(bb["images"])
+            hits.append(match_loss(feats["last"], bb)[1])
+    print(f"MATCH held-out top-1 (InfoNCE head, mean over batches): {np.mean(hits):.2f}", flush=True)
 if a.probe:  # yaw_probe_split.py on this process's model (keeps any forward patches: --att_w, --pos_values)
     from scipy.spatial.transform import Rotation
     model.eval()

@@ -92,3 +92,44 @@ def pair_rotvecs(model, batch_fn, n, bs=8):
             g.append(Rotation.from_matrix(b["extrinsics"][j, 1, :, :3].numpy()).as_rotvec(degrees=True))
             p.append(Rotation.from_matrix(E[j, 1, :, :3]).as_rotvec(degrees=True))
     return np.array(g), np.array(p)
+
+
+def load_matcher(path):
+    """A model trained with exp.py --att_w, as a matcher: ``fn(batch) -> [B, N]``, for each frame-1 patch the
+    frame-0 patch its supervised head (head 0 of the last global layer) attends to most."""
+    m = load_scratch(path, dense=False)
+    qk = {}
+
+    def grab(mod, args, kwargs):
+        x, pos = args[0], kwargs.get("pos", args[1] if len(args) > 1 else None)
+        B, N, C = x.shape
+        qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = mod.q_norm(qkv[0]), mod.k_norm(qkv[1])
+        q, k = mod.rope(q, pos), mod.rope(k, pos)
+        qk["qk"] = (q[:, 0], k[:, 0])
+
+    m.aggregator.global_blocks[-1].attn.register_forward_pre_hook(grab, with_kwargs=True)
+
+    @torch.no_grad()
+    def argmax(b):
+        m(b["images"])
+        q, k = qk["qk"]
+        P, s0 = q.shape[1] // 2, m.aggregator.patch_start_idx
+        return (q[:, P + s0:] @ k[:, s0:P].transpose(-1, -2)).argmax(-1)
+
+    return argmax
+
+
+def grid_flow(best, g=9, ps=14, size=126):
+    """Patch indices [B, N] of frame-0 matches -> the offsets (du, dv) [B, N] between patch centres, image widths."""
+    own = torch.arange(g * g)
+    return ((best % g) - (own % g)).float() * ps / size, ((best // g) - (own // g)).float() * ps / size
+
+
+def match_index(b, g=9, ps=14, size=126):
+    """Ground truth for :func:`load_matcher`: the frame-0 patch holding each frame-1 patch centre's point, and ok."""
+    du, dv, ok = patch_flow(b, ps)
+    own = torch.arange(g * g)
+    u = ((own % g) * ps + ps // 2 + du * size).clamp(0, size - 1)
+    v = ((own // g) * ps + ps // 2 + dv * size).clamp(0, size - 1)
+    return (torch.floor(v / ps) * g + torch.floor(u / ps)).long(), ok
