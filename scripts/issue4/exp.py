@@ -291,6 +291,7 @@ print("  train  ", fmt(rt)); print("  heldout", fmt(rh))
 json.dump({"args": vars(a), "steps": step, "wall_s": el, "train": rt, "heldout": rh}, open(f"runs/issue4/{a.name}.json", "w"), indent=1)
 if a.steps: torch.save(model.state_dict(), f"runs/issue4/{a.name}.pt")
 if a.steps and a.oracle_flow: torch.save(oracle_lin.state_dict(), f"runs/issue4/{a.name}_oracle_lin.pt")
+if a.steps and a.match_w: torch.save(proj.state_dict(), f"runs/issue4/{a.name}_match_proj.pt")  # the InfoNCE matcher's head
 if a.match_w:  # the InfoNCE matcher's top-1 on 128 held-out pairs (frames 0-1)
     ho128m = SceneCache(build_cache("runs/issue4/cache", list(range(200000, 200128)), [CATEGORIES[s % 8] for s in range(200000, 200128)], 8, 126, progress=False))
     model.eval(); hits = []
