@@ -213,3 +213,5 @@ def test_reference_yaw_is_the_turn_about_camera_zeros_vertical_axis() -> None:
     np.testing.assert_allclose(reference_yaw_deg(E @ W), [25.0, 0.0, -40.0], atol=1e-9)
     with pytest.raises(ValueError, match="at least 2 cameras"):
         reference_yaw_deg(E[:1])
+    E[2, 0, 0] = np.nan  # a diverged prediction: no yaw for that camera, the others unchanged
+    np.testing.assert_allclose(reference_yaw_deg(E), [25.0, np.nan, -40.0], atol=1e-9)

@@ -89,13 +89,18 @@ def reference_yaw_deg(extrinsics: Any) -> np.ndarray:
     axis (y) of the rotation vector of ``R_k @ R_0^T`` (camera k from camera 0).
 
     For cameras moving around a scene this is the turn around it, which no single image shows (unlike the change of
-    elevation, readable from the ground's tilt): a model that predicts it has matched views across frames.
+    elevation, readable from the ground's tilt): a model that predicts it has matched views across frames. Cameras
+    whose relative rotation is not finite get NaN.
     """
     E = _as_se3(extrinsics, "input")
     if E.shape[0] < 2:
         raise ValueError(f"reference_yaw_deg needs at least 2 cameras, got {E.shape[0]}")
     R = E[1:, :3, :3] @ E[0, :3, :3].T
-    return Rotation.from_matrix(R).as_rotvec(degrees=True)[:, 1]
+    out = np.full(len(R), np.nan)  # a non-finite prediction (a diverged model) has no yaw rather than crashing
+    finite = np.isfinite(R).all(axis=(1, 2))
+    if finite.any():
+        out[finite] = Rotation.from_matrix(R[finite]).as_rotvec(degrees=True)[:, 1]
+    return out
 
 
 def rotation_angle_deg(R_a: np.ndarray, R_b: np.ndarray) -> np.ndarray:
