@@ -125,6 +125,13 @@ class TrainConfig(Section):
     # slot is all that tells the reference frame apart; from scratch, 1e-6 leaves it indistinguishable for hundreds
     # of steps (docs/TRAINING_NOTES.md, section 5).
     token_init_std: float | None = Field(None, gt=0)
+    # Correspondence tokens (qvggt/model/correspondence.py; docs/TRAINING_NOTES.md section 8): the model gets a patch
+    # matcher, trained with InfoNCE on ground-truth matches (weight ``matcher_weight``), whose matches into frame 0
+    # enter the patch tokens. The first ``matcher_steps`` steps train the matcher alone (its matches are noise until
+    # then); ``camera_only_steps`` counts from step 0 as well.
+    correspondence_tokens: bool = False
+    matcher_steps: int = Field(0, ge=0)
+    matcher_weight: float = Field(1.0, ge=0)
     threads: int | None = Field(None, ge=1)
     mlflow_tracking_uri: str | None = None
     # Held-out validation (qvggt/train/validation.py) every ``val_every`` steps (0: off) on ``val_scenes`` scenes of
@@ -164,6 +171,12 @@ class TrainConfig(Section):
                 )
         elif self.frame_stride != 1 or self.frame_stride_end is not None:
             raise ValueError("train.frame_stride / frame_stride_end need train.render_frames")
+        if (self.matcher_steps or self.matcher_weight != 1.0) and not self.correspondence_tokens:
+            raise ValueError("train.matcher_steps / matcher_weight train the matcher: set train.correspondence_tokens")
+        if self.correspondence_tokens and self.num_frames < 2:
+            raise ValueError("train.correspondence_tokens matches frames to frame 0: it needs train.num_frames >= 2")
+        if self.matcher_steps >= self.steps:
+            raise ValueError(f"train.matcher_steps ({self.matcher_steps}) must be below train.steps ({self.steps})")
         if self.val_every and self.num_frames < 2:
             raise ValueError("train.val_every scores relative poses: it needs train.num_frames >= 2")
         if self.gate_step is not None and not self.val_every:

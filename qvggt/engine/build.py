@@ -1,7 +1,8 @@
 """Turn a (quantized or float) VGGT into the engine: fused kernel blocks, bf16 residual stream, 4 kept layers.
 
 ``build_engine(model)`` replaces every transformer ``Block`` of the aggregator (the DINOv2 encoder's and the frame
-and global blocks) by a ``FusedBlock``, casts the rest of the aggregator to bf16 and the heads to ``head_dtype``,
+and global blocks; a correspondence matcher's too) by a ``FusedBlock``, casts the rest of the aggregator (and
+matcher) to bf16 and the heads to ``head_dtype``,
 and returns an ``Engine`` whose ``forward(images)`` runs the model the fast way. On CUDA, kernels are required
 (``qvggt.kernels.require_kernels``): a torch fallback raises instead of silently running slower, and the forward
 is captured as a CUDA graph per input shape and replayed (``qvggt.engine.graphs``; ``EngineOptions.cuda_graphs``).
@@ -136,6 +137,9 @@ def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
     if n == 0:
         raise ValueError("the model's aggregator has no transformer blocks to fuse (already an engine?)")
     model.aggregator.to(torch.bfloat16)
+    if model.correspondence is not None:  # a small model's matcher: its blocks fused too, its linears in bf16
+        _replace_blocks(model.correspondence, "correspondence", options.attention)
+        model.correspondence.to(torch.bfloat16)
     for head in (model.camera_head, model.depth_head, model.point_head, model.track_head):
         if head is not None:
             head.to(options.head_dtype)

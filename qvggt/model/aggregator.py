@@ -85,10 +85,14 @@ class Aggregator(nn.Module):
             return checkpoint(block, x, pos, use_reentrant=False)
         return block(x, pos=pos)
 
-    def forward(self, images: Tensor, keep_layers: tuple[int, ...] | None = None) -> list[Tensor | None]:
+    def forward(
+        self, images: Tensor, keep_layers: tuple[int, ...] | None = None, patch_offsets: Tensor | None = None
+    ) -> list[Tensor | None]:
         """images [B, S, 3, H, W] in [0, 1] -> list over layers of [B, S, P, 2C] (None where not kept).
 
         keep_layers: layer indices to return; None keeps all of them (the published behaviour).
+        patch_offsets: [B*S, P_patch, C] added to the patch embeddings before the first block (the correspondence
+        tokens of :mod:`qvggt.model.correspondence`); None for the published model.
         """
         B, S, c_in, H, W = images.shape
         if c_in != 3:
@@ -101,6 +105,12 @@ class Aggregator(nn.Module):
         mean, std = _normalization(images.dtype, images.device)
         x = ((images - mean) / std).reshape(B * S, 3, H, W)
         patches = self.patch_embed(x)  # [B*S, P_patch, C]
+        if patch_offsets is not None:
+            if patch_offsets.shape != patches.shape:
+                raise ValueError(
+                    f"patch_offsets must match the patch embeddings {tuple(patches.shape)}, got {tuple(patch_offsets.shape)}"
+                )
+            patches = patches + patch_offsets.to(patches.dtype)
         C = patches.shape[-1]
         special = [expand_special_tokens(self.camera_token, B, S), expand_special_tokens(self.register_token, B, S)]
         tokens = torch.cat([*special, patches.to(special[0].dtype)], dim=1)

@@ -156,6 +156,11 @@ def load_vggt(
     stored = read_config(checkpoint)
     if cfg is None:
         cfg = stored or get_preset("vggt-1b")
+    if cfg.correspondence_tokens and cfg.name == "vggt-1b":
+        raise ValueError(
+            "vggt-1b has no correspondence tokens (the released checkpoint has no matcher): "
+            "load it with correspondence_tokens=False; the option is for small models trained here"
+        )
     state_dict = read_state_dict(checkpoint)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}

@@ -69,6 +69,16 @@ class VGGTConfig(BaseModel):
     # The published "tracker_fixed" evaluation checkpoint only flips this flag (no extra weights).
     track_feature_pos_embed: bool = False
 
+    # Correspondence tokens (small models only; off in every preset that mirrors a released checkpoint): a matcher
+    # network finds each later frame's patch matches in frame 0, and an embedding of the match offsets is added to
+    # the aggregator's patch tokens. VGGT-1B reads correspondences out of DINOv2 features and global attention; a
+    # small model trained from scratch on a CPU cannot (docs/TRAINING_NOTES.md section 7). See
+    # qvggt/model/correspondence.py.
+    correspondence_tokens: bool = False
+    matcher_depth: int = Field(4, gt=0)
+    matcher_dim: int = Field(64, gt=0)
+    matcher_temperature: float = Field(0.1, gt=0)
+
     # Inference: frames per DPT chunk (memory), and whether to keep every aggregator layer as published.
     frames_chunk_size: int = Field(8, gt=0)
 

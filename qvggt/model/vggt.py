@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from qvggt.model.aggregator import Aggregator
 from qvggt.model.config import VGGTConfig
+from qvggt.model.correspondence import CorrespondenceTokens
 from qvggt.model.heads.camera import CameraHead
 from qvggt.model.heads.dpt import DPTHead
 from qvggt.model.heads.track import TrackHead
@@ -41,6 +42,8 @@ class VGGT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.aggregator = Aggregator(cfg)
+        # Small models only (VGGTConfig.correspondence_tokens): a matcher whose matches enter the patch tokens.
+        self.correspondence = CorrespondenceTokens(cfg) if cfg.correspondence_tokens else None
         d = cfg.head_dim_in
         self.camera_head = (
             CameraHead(d, cfg.camera_trunk_depth, cfg.camera_num_heads, cfg.init_values) if cfg.enable_camera else None
@@ -92,7 +95,7 @@ class VGGT(nn.Module):
         Returns a dict with ``pose_enc`` [B, S, 9] (last refinement pass; ``pose_enc_list`` holds all),
         ``depth`` [B, S, H, W, 1], ``depth_conf`` [B, S, H, W], ``world_points`` [B, S, H, W, 3],
         ``world_points_conf`` [B, S, H, W]; with query points also ``track`` [B, S, N, 2], ``vis`` and ``conf``
-        [B, S, N].
+        [B, S, N]. A model with correspondence tokens also returns ``match_descriptors`` [B, S, N_patch, D].
         """
         images = self.check_images(images)
         if query_points is not None:
@@ -106,13 +109,16 @@ class VGGT(nn.Module):
         keep = None if keep_all_layers else self.cfg.layers_read_by_heads()
 
         device_type = images.device.type
+        preds: dict[str, Tensor | list[Tensor]] = {}
         with _autocast(device_type, dtype):
-            layers = self.aggregator(images, keep_layers=keep)
+            offsets = None
+            if self.correspondence is not None:
+                offsets, preds["match_descriptors"] = self.correspondence(images)
+            layers = self.aggregator(images, keep_layers=keep, patch_offsets=offsets)
         patch_start = self.aggregator.patch_start_idx
         # Heads run with autocast off in their own weights' dtype: fp32 as published (a bf16-cast model: bf16).
         head_dtype = self._head_dtype()
         layers = [None if t is None else t.to(head_dtype) for t in layers]
-        preds: dict[str, Tensor | list[Tensor]] = {}
         with _autocast(device_type, torch.float32):
             if self.camera_head is not None:
                 pose_list = self.camera_head(layers[-1], self.cfg.camera_iterations)

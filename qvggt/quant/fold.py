@@ -53,7 +53,9 @@ __all__ = [
     "smooth_into_qkv_v_",
 ]
 
-_AGG_BLOCK_RE = re.compile(r"(?:^|\.)(?:frame|global)_blocks\.\d+$")
+# The aggregator's own blocks only: a correspondence matcher (qvggt.model.correspondence) has blocks of the same
+# names under ``correspondence.matcher.backbone`` and stays in float.
+_AGG_BLOCK_RE = re.compile(r"^(?:aggregator\.)?(?:frame|global)_blocks\.\d+$")
 
 
 def _check_linear(linear: nn.Module, in_features: int | None = None, out_features: int | None = None) -> nn.Linear:

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from qvggt.model.layers import Block
 from qvggt.quant.coverage import LayerPlan
+from qvggt.quant.fold import aggregator_blocks
 from qvggt.quant.formats import QuantFormat
 from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.quantizer import compute_scales, fake_quantize_ste
@@ -154,11 +155,7 @@ def chain_blocks(model: nn.Module, planned: Mapping[str, Any]) -> dict[str, Bloc
     """The aggregator's frame/global Blocks in module order if any of them holds a planned Linear, else none. All of
     them, so that the chain stays unbroken where a block has nothing planned (it then just runs in float); the
     recorder checks the execution order and that each one's input is the previous one's output."""
-    out: dict[str, Block] = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if isinstance(module, Block) and len(parts) >= 2 and parts[-2] in ("frame_blocks", "global_blocks"):
-            out[name] = module
+    out = dict(aggregator_blocks(model))
     return out if any(f"{n}.{sub}" in planned for n in out for sub in _SUBS) else {}
 
 

@@ -13,6 +13,7 @@ when ``mlflow_tracking_uri`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.io import atomic_open, atomic_path
 from qvggt.model import VGGT, build_model, get_preset, save_checkpoint
+from qvggt.train.correspondence import matching_loss
 from qvggt.train.data import SceneCache, build_cache, frame_windows, select_frames
 from qvggt.train.losses import LossWeights, vggt_loss
 from qvggt.train.validation import ValidationResult, check_gate, gate_failed, validate, validation_scenes
@@ -35,6 +37,7 @@ METRICS_FILE = "metrics.csv"
 VALIDATION_FILE = "validation.csv"
 MODEL_FILE = "model.safetensors"
 LOGGED = ("objective", "loss_camera", "loss_conf_depth", "loss_reg_depth", "loss_conf_point", "loss_reg_point")
+MATCH_LOGGED = ("loss_match", "match_top1")  # logged too when the model has correspondence tokens
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -98,12 +101,51 @@ def param_groups(model: VGGT, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def camera_forward(model: VGGT, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """Aggregator and camera head only (``pose_enc_list``): the camera-only warm-up skips the dense heads, which
-    cost most of a CPU step, and the camera head reads only the last aggregator layer."""
-    layers = model.aggregator(images, keep_layers=(model.cfg.depth - 1,))
+def camera_forward(model: VGGT, images: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Aggregator and camera head only (``pose_enc_list``, and ``match_descriptors`` with correspondence tokens):
+    the camera-only warm-up skips the dense heads, which cost most of a CPU step, and the camera head reads only
+    the last aggregator layer."""
+    preds: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    offsets = None
+    if model.correspondence is not None:
+        offsets, preds["match_descriptors"] = model.correspondence(images)
+    layers = model.aggregator(images, keep_layers=(model.cfg.depth - 1,), patch_offsets=offsets)
     with torch.autocast(images.device.type, enabled=False):  # heads in fp32, as VGGT.forward runs them
-        return {"pose_enc_list": model.camera_head(layers[-1].float(), model.cfg.camera_iterations)}
+        preds["pose_enc_list"] = model.camera_head(layers[-1].float(), model.cfg.camera_iterations)
+    return preds
+
+
+def training_losses(
+    model: VGGT,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    cfg: TrainConfig,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict:
+    """The losses of one training step (``objective`` is what is minimised), by phase: the matcher alone (InfoNCE)
+    for the first ``matcher_steps``, the camera loss alone until ``camera_only_steps``, then everything; with
+    correspondence tokens, ``matcher_weight`` x InfoNCE is added after the first phase. The forward runs under
+    ``autocast``, the losses outside it."""
+    images = batch["images"]
+    with autocast or contextlib.nullcontext():
+        if step < cfg.matcher_steps:
+            preds = {"match_descriptors": model.correspondence.matcher(images)}
+        elif step < cfg.camera_only_steps:
+            preds = camera_forward(model, images)
+        else:
+            preds = model(images)
+    losses: dict = {}
+    if step >= cfg.matcher_steps:
+        weights = LossWeights(camera=cfg.camera_weight, depth=cfg.depth_weight, point=cfg.point_weight)
+        losses = vggt_loss(preds, batch, weights)
+    if model.correspondence is not None:
+        loss, top1 = matching_loss(
+            preds["match_descriptors"], batch, model.cfg.patch_size, model.cfg.matcher_temperature
+        )
+        weight = 1.0 if step < cfg.matcher_steps else cfg.matcher_weight
+        losses["objective"] = losses.get("objective", 0.0) + weight * loss
+        losses["loss_match"], losses["match_top1"] = loss, torch.tensor(top1)
+    return losses
 
 
 @dataclass
@@ -117,7 +159,12 @@ def _make_model(cfg: TrainConfig) -> VGGT:
     torch.manual_seed(cfg.seed)
     preset = get_preset(cfg.preset)
     model_cfg = preset.model_copy(
-        update={"enable_track": False, "default_image_hw": (cfg.image_size, cfg.image_size), "img_size": cfg.image_size}
+        update={
+            "enable_track": False,
+            "default_image_hw": (cfg.image_size, cfg.image_size),
+            "img_size": cfg.image_size,
+            "correspondence_tokens": cfg.correspondence_tokens,
+        }
     )
     model = build_model(model_cfg)
     if cfg.token_init_std is not None:
@@ -191,9 +238,10 @@ def train(
     model = _make_model(cfg).to(device).train()
     # Recomputing blocks saves memory on a GPU but costs a third of the step time on a CPU.
     model.aggregator.gradient_checkpointing = device != "cpu"
+    if model.correspondence is not None:
+        model.correspondence.matcher.backbone.gradient_checkpointing = device != "cpu"
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    weights = LossWeights(camera=cfg.camera_weight, depth=cfg.depth_weight, point=cfg.point_weight)
 
     step = 0
     state_path = work_dir / STATE_FILE
@@ -239,9 +287,7 @@ def train(
         if frames is not None:
             batch = select_frames(batch, frames)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            preds = model(batch["images"]) if step >= cfg.camera_only_steps else camera_forward(model, batch["images"])
-        losses = vggt_loss(preds, batch, weights)
+        losses = training_losses(model, batch, step, cfg, autocast)
         opt.zero_grad(set_to_none=True)
         losses["objective"].backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -256,7 +302,8 @@ def train(
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = {"step": step, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "frames_per_s": fps}
             # Every column on every row (NaN for a loss not computed, e.g. dense losses in the camera-only warm-up).
-            row.update({k: float(losses[k].detach()) if k in losses else math.nan for k in LOGGED})
+            logged = LOGGED + (MATCH_LOGGED if model.correspondence is not None else ())
+            row.update({k: float(losses[k].detach()) if k in losses else math.nan for k in logged})
             rows.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -300,6 +347,7 @@ def _log_validation(result: ValidationResult, path: Path, tracker, bar: tqdm) ->
         f"step {result.step}: held-out rotation {result.rot_median:.1f} deg (identity {result.identity_rot_median:.1f},"
         f" {100 * result.rot_gain:+.1f} %), yaw corr {result.yaw_corr:.2f}, AUC@30 {result.pose_auc30:.1f},"
         f" depth AbsRel {result.depth_abs_rel:.3f}"
+        + (f", match top-1 {result.match_top1:.2f}" if math.isfinite(result.match_top1) else "")
     )
 
 

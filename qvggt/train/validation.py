@@ -10,7 +10,9 @@ over every scene's frames 1..S-1, of the predicted and true yaw relative to fram
 (:func:`~qvggt.eval.metrics.pose.reference_yaw_deg`). The median error can beat identity monocularly (the change
 of elevation shows in each image alone); the yaw, the turn around the scene, needs the views matched, so a model
 that ignores the other frames scores ~0 there (docs/TRAINING_NOTES.md, sections 5-7). The scenes are cached like the
-training set, so a validation costs a forward pass per scene and no rendering after the first.
+training set, so a validation costs a forward pass per scene and no rendering after the first. A model with
+correspondence tokens also reports ``match_top1``: how often its matcher's best frame-0 patch is the true one, over
+the visible ground-truth matches (:mod:`qvggt.train.correspondence`).
 
 The gate: ``train.gate_step`` names the step at which the held-out rotation error must be at least
 ``train.gate_min_gain`` (a fraction) below identity's and, when ``train.gate_min_yaw_corr`` is set, ``yaw_corr`` at
@@ -33,6 +35,7 @@ from qvggt.eval.metrics.depth import depth_metrics
 from qvggt.eval.metrics.pose import pose_auc, pose_errors, reference_yaw_deg
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.model import VGGT
+from qvggt.train.correspondence import match_targets
 from qvggt.train.data import SceneCache
 
 __all__ = ["GateFailed", "ValidationResult", "check_gate", "gate_failed", "validate", "validation_scenes"]
@@ -53,6 +56,7 @@ class ValidationResult:
     identity_rot_median: float
     depth_abs_rel: float  # NaN when the model has no depth head
     yaw_corr: float  # 0 when the predicted (or true) yaw does not vary
+    match_top1: float = math.nan  # correspondence tokens: the matcher's held-out top-1 (NaN without a matcher)
 
     @property
     def rot_gain(self) -> float:
@@ -77,13 +81,19 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
     """Score ``model`` on every scene of ``cache`` (module docstring); restores the model's train/eval mode."""
     was_training = model.training
     model.eval()
-    rots, transes, id_rots, abs_rels, yaws, true_yaws = [], [], [], [], [], []
+    rots, transes, id_rots, abs_rels, yaws, true_yaws, hits = [], [], [], [], [], [], []
     try:
         for start in range(0, len(cache), batch_size):
             batch = cache.batch(list(range(start, min(start + batch_size, len(cache)))))
             images = batch["images"].to(device)
             preds = model(images)
             hw = tuple(images.shape[-2:])
+            if "match_descriptors" in preds:
+                index, visible = match_targets(batch, model.cfg.patch_size)
+                logits = torch.einsum(
+                    "bsnd,bmd->bsnm", preds["match_descriptors"][:, 1:], preds["match_descriptors"][:, 0]
+                )
+                hits.append((logits.argmax(-1).cpu() == index)[visible].numpy())
             extrinsics = pose_encoding_to_extri_intri(preds["pose_enc"].float(), hw)[0].cpu().numpy()
             for j in range(images.shape[0]):
                 gt = batch["extrinsics"][j].numpy()
@@ -107,6 +117,7 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
         identity_rot_median=float(np.median(np.concatenate(id_rots))),
         depth_abs_rel=float(np.mean(abs_rels)) if abs_rels else math.nan,
         yaw_corr=_correlation(np.concatenate(yaws), np.concatenate(true_yaws)),
+        match_top1=float(np.concatenate(hits).mean()) if hits and sum(h.size for h in hits) else math.nan,
     )
 
 

@@ -16,7 +16,7 @@ p.add_argument("--name", required=True)
 p.add_argument("--steps", type=int, default=300)
 p.add_argument("--bs", type=int, default=2)
 p.add_argument("--render_frames", type=int, default=8)
-p.add_argument("--frames", default="0,1", help="frame indices of the rendered trajectory, or 'win:S' random adjacent window")
+p.add_argument("--frames", default="0,1", help="frame indices of the rendered trajectory, 'win:S' a random adjacent window, or 'pair': frame 0 and a random other")
 p.add_argument("--scenes", type=int, default=400)
 p.add_argument("--cats", default="train")
 p.add_argument("--lr", type=float, default=3e-4)
@@ -78,6 +78,8 @@ def renorm(b, frames):
 
 
 def pick_frames(rng):
+    if a.frames == "pair":  # frame 0 and one random later frame of the trajectory (wide baselines)
+        return [0, int(rng.integers(1, a.render_frames))]
     if a.frames.startswith("win:"):
         S = int(a.frames[4:]); st = int(rng.integers(0, a.render_frames - S + 1)); return list(range(st, st + S))
     return [int(x) for x in a.frames.split(",")]
@@ -244,7 +246,7 @@ opt = torch.optim.AdamW(groups, weight_decay=0.05)
 base = [g["lr"] for g in opt.param_groups]
 w = LossWeights(camera=a.cam_w)
 rng = np.random.default_rng(a.data_seed)
-ev_frames = pick_frames(np.random.default_rng(0)) if not a.frames.startswith("win:") else list(range(int(a.frames[4:])))
+ev_frames = [0, 1] if a.frames == "pair" else pick_frames(np.random.default_rng(0)) if not a.frames.startswith("win:") else list(range(int(a.frames[4:])))
 tr_eval, ho_eval = Sub(cache, ev_frames), Sub(ho, ev_frames)
 n_tr = min(32, a.scenes)
 t0 = time.time(); log = []; mlog = [(0.0, 0.0)]

@@ -133,3 +133,19 @@ def match_index(b, g=9, ps=14, size=126):
     u = ((own % g) * ps + ps // 2 + du * size).clamp(0, size - 1)
     v = ((own // g) * ps + ps // 2 + dv * size).clamp(0, size - 1)
     return (torch.floor(v / ps) * g + torch.floor(u / ps)).long(), ok
+
+
+def load_oracle(name, flows):
+    """An exp.py --oracle_flow model (NAME.pt + NAME_oracle_lin.pt) whose patch embedding adds the embedded flow
+    ``flows["f"] = (du, dv, ok)`` [B, N] each of frame 1 (frame 0 gets zeros): set it before each forward."""
+    model = load_scratch(f"{name}.pt", dense=False)
+    lin = torch.nn.Linear(3, model.cfg.embed_dim)
+    lin.load_state_dict(torch.load(f"{name}_oracle_lin.pt", weights_only=True))
+
+    def hook(m, i, o):
+        du, dv, ok = flows["f"]
+        f1 = torch.stack([du * ok, dv * ok, ok.float()], -1)
+        return o + lin(torch.stack([torch.zeros_like(f1), f1], 1)).reshape(du.shape[0] * 2, -1, o.shape[-1])
+
+    model.aggregator.patch_embed.register_forward_hook(hook)
+    return model

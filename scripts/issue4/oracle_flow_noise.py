@@ -10,19 +10,16 @@ import torch
 from scipy.spatial.transform import Rotation
 
 sys.path.insert(0, "scripts/issue4")
-from exp_util import gt_batch, grid_flow, load_matcher, load_scratch, match_index, pair_rotvecs, patch_flow  # noqa: E402
+from exp_util import gt_batch, grid_flow, load_matcher, load_oracle, match_index, pair_rotvecs, patch_flow  # noqa: E402
 from qvggt.data.synthetic import CATEGORIES  # noqa: E402
 from qvggt.train.data import SceneCache, build_cache  # noqa: E402
 
 torch.set_num_threads(1)
 PS, G = 14, 9
-name = sys.argv[1]
-model = load_scratch(f"{name}.pt", dense=False)
-lin = torch.nn.Linear(3, model.cfg.embed_dim)
-lin.load_state_dict(torch.load(f"{name}_oracle_lin.pt", weights_only=True))
+CUR: dict = {}
+model = load_oracle(sys.argv[1], CUR)
 seeds = list(range(200000, 200128))
 ho = SceneCache(build_cache("runs/issue4/cache", seeds, [CATEGORIES[s % 8] for s in seeds], 8, 126, progress=False))
-CUR: dict = {}
 
 
 def ncc_flow(b):
@@ -63,15 +60,6 @@ def flows(b, mode, rng):
     raise ValueError(mode)
 
 
-def hook(m, i, o):
-    du, dv, ok = CUR["f"]
-    B = du.shape[0]
-    f1 = torch.stack([du * ok, dv * ok, ok.float()], -1)
-    f = torch.stack([torch.zeros_like(f1), f1], 1)
-    return o + lin(f).reshape(B * 2, -1, o.shape[-1])
-
-
-model.aggregator.patch_embed.register_forward_hook(hook)
 
 # The matcher: a model trained with --att_w (argv[2], e.g. runs/issue4/e17_att3.pt), head 0 of its last global layer.
 matcher_argmax = load_matcher(sys.argv[2]) if len(sys.argv) > 2 else None

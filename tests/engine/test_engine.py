@@ -121,6 +121,21 @@ def test_build_engine_runs_a_quantized_model_on_cpu_twins() -> None:
         build_engine(engine.model)
 
 
+def test_build_engine_fuses_a_correspondence_matcher_too() -> None:
+    cfg = get_preset("tiny").model_copy(update={"correspondence_tokens": True, "matcher_depth": 2})
+    model = fill_name_seeded_(build_model(cfg)).eval()
+    images = torch.rand(1, 3, 3, 42, 42)
+    with torch.no_grad():
+        ref = model(images)
+    engine = build_engine(copy.deepcopy(model), EngineOptions(head_dtype=torch.float32))
+    names = [b.name for b in engine.fused_blocks()]
+    assert sum(n.startswith("correspondence.") for n in names) == 2 * 2 + cfg.encoder_depth
+    out = engine(images)
+    assert out["match_descriptors"].dtype == torch.bfloat16
+    assert _rel(out["match_descriptors"].float(), ref["match_descriptors"]) < 0.05
+    assert _rel(out["depth"], ref["depth"]) < 0.05
+
+
 def test_engine_options_are_validated() -> None:
     with pytest.raises(ValueError, match="attention"):
         EngineOptions(attention="flash")

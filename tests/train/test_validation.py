@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 from tiny_train import TINY_TRAIN
 from torch import nn
@@ -16,6 +18,7 @@ from qvggt.config import DataConfig, TrainConfig
 from qvggt.data.synthetic import CATEGORIES
 from qvggt.geometry.pose_encoding import extri_intri_to_pose_encoding
 from qvggt.model import load_vggt
+from qvggt.train.correspondence import match_targets
 from qvggt.train.data import SceneCache, build_cache
 from qvggt.train.trainer import _append_metrics, train
 from qvggt.train.validation import GateFailed, check_gate, gate_failed, validate, validation_scenes
@@ -44,9 +47,10 @@ class _PoseOracle(nn.Module):
     """Answers each scene of a cache, in order, with its ground-truth poses (``mode="truth"``), identity poses
     (``"identity"``) or the truth without the relative yaw (``"no_yaw"``)."""
 
-    def __init__(self, cache: SceneCache, mode: str) -> None:
+    def __init__(self, cache: SceneCache, mode: str, matcher: bool = False) -> None:
         super().__init__()
-        self.cache, self.mode, self.seen = cache, mode, 0
+        self.cache, self.mode, self.seen, self.matcher = cache, mode, 0, matcher
+        self.cfg = SimpleNamespace(patch_size=14)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         b = self.cache.batch(list(range(self.seen, self.seen + images.shape[0])))
@@ -57,7 +61,14 @@ class _PoseOracle(nn.Module):
             "identity": lambda e: torch.eye(3, 4).expand_as(e),
             "no_yaw": _without_yaw,
         }[self.mode](b["extrinsics"])
-        return {"pose_enc": extri_intri_to_pose_encoding(extr, b["intrinsics"], tuple(images.shape[-2:]))}
+        out = {"pose_enc": extri_intri_to_pose_encoding(extr, b["intrinsics"], tuple(images.shape[-2:]))}
+        if self.matcher:  # a perfect matcher: later frames' descriptors are the one-hot of their true match
+            index, _ = match_targets(b, 14)
+            n = index.shape[-1]
+            out["match_descriptors"] = torch.cat(
+                [torch.eye(n).expand(len(index), 1, n, n), F.one_hot(index, n).float()], 1
+            )
+        return out
 
 
 def test_validation_scenes_are_the_eval_split_in_all_categories() -> None:
@@ -73,7 +84,9 @@ def test_scores_of_perfect_and_identity_poses(cache_root: Path) -> None:
     perfect = validate(_PoseOracle(cache, "truth"), cache, step=7, batch_size=2)
     assert perfect.step == 7 and perfect.rot_median < 0.05 and perfect.pose_auc30 > 99
     assert perfect.rot_gain > 0.99 and np.isnan(perfect.depth_abs_rel)  # no depth head, no depth score
-    assert perfect.yaw_corr > 0.999
+    assert perfect.yaw_corr > 0.999 and np.isnan(perfect.match_top1)  # no matcher, no match score
+    matched = validate(_PoseOracle(cache, "truth", matcher=True), cache, step=7, batch_size=2)
+    assert matched.match_top1 == 1.0
     identity = validate(_PoseOracle(cache, "identity"), cache, step=7)
     assert identity.rot_median == pytest.approx(identity.identity_rot_median, abs=1e-3)
     assert abs(identity.rot_gain) < 1e-4 and identity.identity_rot_median > 10  # these scenes do turn
