@@ -17,6 +17,12 @@ def test_repository_params_yaml_is_valid() -> None:
     assert not cfg.data.calib_seeds.overlaps(cfg.data.eval_seeds)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_are_valid(path: Path) -> None:
+    """The alternative recipes in configs/ load as a whole project config (a typo would surface only hours in)."""
+    assert load_config(path).train.preset in ("tiny", "small")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
