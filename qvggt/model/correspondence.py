@@ -54,6 +54,13 @@ class PatchMatcher(nn.Module):
         return F.normalize(self.proj(tokens), dim=-1)
 
 
+def frame_zero_similarity(descriptors: Tensor) -> Tensor:
+    """descriptors [B, S, N, D] -> cosine similarities [B, S-1, N, N] of frames 1..S-1's patches (rows) to frame
+    0's (columns), in float32."""
+    d = descriptors.float()
+    return torch.einsum("bsnd,bmd->bsnm", d[:, 1:], d[:, 0])
+
+
 @torch.no_grad()
 def match_to_first_frame(descriptors: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """descriptors [B, S, N, D] -> (index [B, S, N] of each patch's best frame-0 patch, its softmax probability).
@@ -61,10 +68,8 @@ def match_to_first_frame(descriptors: Tensor, temperature: float) -> tuple[Tenso
     Frame 0's own entries are the identity match with confidence 0 (it is the reference, not a match).
     """
     B, _, N, _ = descriptors.shape
-    d = descriptors.float()
-    logits = torch.einsum("bsnd,bmd->bsnm", d[:, 1:], d[:, 0]) / temperature  # [B, S-1, N, N]
-    conf, index = logits.softmax(-1).max(-1)
-    own = torch.arange(N, device=d.device).expand(B, 1, N)
+    conf, index = (frame_zero_similarity(descriptors) / temperature).softmax(-1).max(-1)
+    own = torch.arange(N, device=descriptors.device).expand(B, 1, N)
     return torch.cat([own, index], 1), torch.cat([torch.zeros_like(conf[:, :1]), conf], 1)
 
 

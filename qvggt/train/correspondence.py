@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qvggt.model.correspondence import frame_zero_similarity
+
 
 def match_targets(batch: dict[str, Tensor], patch_size: int, depth_tol: float = 0.03) -> tuple[Tensor, Tensor]:
     """(index [B, S-1, N] of the frame-0 patch seeing each patch centre of frames 1..S-1, visible [B, S-1, N]).
@@ -51,7 +53,7 @@ def matching_loss(
     matches: (loss, top-1 accuracy of the argmax match). A batch with no visible match gives a zero loss that
     still depends on the descriptors (so backward works) and accuracy NaN."""
     index, visible = match_targets(batch, patch_size)
-    logits = torch.einsum("bsnd,bmd->bsnm", descriptors[:, 1:].float(), descriptors[:, 0].float()) / temperature
+    logits = frame_zero_similarity(descriptors) / temperature
     if not bool(visible.any()):
         return logits.sum() * 0.0, float("nan")
     picked, target = logits[visible], index[visible]

@@ -35,6 +35,7 @@ from qvggt.eval.metrics.depth import depth_metrics
 from qvggt.eval.metrics.pose import pose_auc, pose_errors, reference_yaw_deg
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.model import VGGT
+from qvggt.model.correspondence import frame_zero_similarity
 from qvggt.train.correspondence import match_targets
 from qvggt.train.data import SceneCache
 
@@ -90,9 +91,7 @@ def validate(model: VGGT, cache: SceneCache, step: int, device: str = "cpu", bat
             hw = tuple(images.shape[-2:])
             if "match_descriptors" in preds:
                 index, visible = match_targets(batch, model.cfg.patch_size)
-                logits = torch.einsum(
-                    "bsnd,bmd->bsnm", preds["match_descriptors"][:, 1:], preds["match_descriptors"][:, 0]
-                )
+                logits = frame_zero_similarity(preds["match_descriptors"])
                 hits.append((logits.argmax(-1).cpu() == index)[visible].numpy())
             extrinsics = pose_encoding_to_extri_intri(preds["pose_enc"].float(), hw)[0].cpu().numpy()
             for j in range(images.shape[0]):

@@ -43,7 +43,7 @@ for k in range(steps):
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     if (k + 1) % 100 == 0:
-        print(f"step {step + 1} t={time.time() - t0:.0f}s obj={float(losses['objective']):.3f} "
-              f"cam={float(losses['loss_camera']):.4f} top1={float(losses['match_top1']):.2f}", flush=True)
+        print(f"step {step + 1} t={time.time() - t0:.0f}s obj={float(losses['objective'].detach()):.3f} "
+              f"cam={float(losses['loss_camera'].detach()):.4f} top1={float(losses['match_top1']):.2f}", flush=True)
 save_checkpoint(model.eval(), out / "model.safetensors", dtype=torch.float16)
 print("saved", out / "model.safetensors", flush=True)
