@@ -1,7 +1,7 @@
 """Continue a `qvggt train` run's final state with more full-objective steps (a cheap proxy for "a longer full
 phase"): cosine from --lr down to the run's min lr over --steps, the run's own data order continued.
 
-Usage: python scripts/issue4/continue_full.py runs/issue4/corrB.yaml runs/issue4/corrB/work runs/issue4/corrB_cont 1500 1e-4
+Usage: python scripts/issue4/continue_full.py runs/issue4/corrB.yaml runs/issue4/corrB/work runs/issue4/corrB_cont 800 1e-4
 """
 import math
 import sys
