@@ -133,11 +133,14 @@ def parse_layer_name(name: str) -> tuple[str, int | None, str]:
 def _find_aggregator(model: nn.Module) -> tuple[nn.Module | None, str]:
     """The module holding ``frame_blocks``/``global_blocks``/``patch_start_idx`` and its name prefix ("" or "x.").
     A VGGT's ``aggregator`` first: a correspondence matcher holds blocks of the same names."""
-    named = dict(model.named_modules())
-    if "aggregator" in named:
-        named = {"aggregator": named["aggregator"], **named}
-    for name, mod in named.items():
-        if all(hasattr(mod, a) for a in ("frame_blocks", "global_blocks", "patch_start_idx")):
+
+    def is_aggregator(mod: nn.Module | None) -> bool:
+        return all(hasattr(mod, a) for a in ("frame_blocks", "global_blocks", "patch_start_idx"))
+
+    if is_aggregator(getattr(model, "aggregator", None)):
+        return model.aggregator, "aggregator."
+    for name, mod in model.named_modules():
+        if is_aggregator(mod):
             return mod, f"{name}." if name else ""
     return None, ""
 

@@ -81,6 +81,16 @@ class VGGT(nn.Module):
             raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
         return images
 
+    def aggregate(
+        self, images: Tensor, keep_layers: tuple[int, ...] | None, preds: dict[str, Tensor | list[Tensor]]
+    ) -> list[Tensor | None]:
+        """The aggregator's layers for ``images`` [B, S, 3, H, W]; with correspondence tokens, their offsets enter
+        the patch tokens and the matcher's descriptors go into ``preds["match_descriptors"]``."""
+        offsets = None
+        if self.correspondence is not None:
+            offsets, preds["match_descriptors"] = self.correspondence(images)
+        return self.aggregator(images, keep_layers=keep_layers, patch_offsets=offsets)
+
     def forward(
         self,
         images: Tensor,
@@ -111,10 +121,7 @@ class VGGT(nn.Module):
         device_type = images.device.type
         preds: dict[str, Tensor | list[Tensor]] = {}
         with _autocast(device_type, dtype):
-            offsets = None
-            if self.correspondence is not None:
-                offsets, preds["match_descriptors"] = self.correspondence(images)
-            layers = self.aggregator(images, keep_layers=keep, patch_offsets=offsets)
+            layers = self.aggregate(images, keep, preds)
         patch_start = self.aggregator.patch_start_idx
         # Heads run with autocast off in their own weights' dtype: fp32 as published (a bf16-cast model: bf16).
         head_dtype = self._head_dtype()

@@ -106,10 +106,7 @@ def camera_forward(model: VGGT, images: torch.Tensor) -> dict[str, torch.Tensor 
     the camera-only warm-up skips the dense heads, which cost most of a CPU step, and the camera head reads only
     the last aggregator layer."""
     preds: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-    offsets = None
-    if model.correspondence is not None:
-        offsets, preds["match_descriptors"] = model.correspondence(images)
-    layers = model.aggregator(images, keep_layers=(model.cfg.depth - 1,), patch_offsets=offsets)
+    layers = model.aggregate(images, (model.cfg.depth - 1,), preds)
     with torch.autocast(images.device.type, enabled=False):  # heads in fp32, as VGGT.forward runs them
         preds["pose_enc_list"] = model.camera_head(layers[-1].float(), model.cfg.camera_iterations)
     return preds
