@@ -116,7 +116,12 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="Reference model: a checkpoint, or preset:NAME (random weights).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Reference model: a checkpoint, preset:NAME (random weights) or untrained:PARAMS (qvggt train's init)."
+        ),
+    ],
     compare: Annotated[list[str] | None, typer.Option(help="Models to compare with the reference (repeat).")] = None,
     dataset: Annotated[str, typer.Option(help="synthetic[:eval], co3d:ROOT or 7scenes:ROOT.")] = "synthetic:eval",
     out: Annotated[Path, typer.Option("--out", help="Output folder (resumable).")] = Path("runs/eval"),
@@ -293,7 +298,9 @@ def memory(
 
 @app.command("activation-stats")
 def activation_stats(
-    model: Annotated[list[str], typer.Option(help="Model specs to compare (checkpoint or preset:NAME; repeat).")],
+    model: Annotated[
+        list[str], typer.Option(help="Model specs to compare (checkpoint, preset:NAME or untrained:PARAMS; repeat).")
+    ],
     out: Annotated[Path, typer.Option(help="Output folder: per-model statistics, plots, heavy_tails.md.")] = Path(
         "runs/activation_stats"
     ),

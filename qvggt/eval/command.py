@@ -13,15 +13,24 @@ from qvggt.eval.runner import EvalResult, ModelPredictor, Predictor, TrivialBase
 from qvggt.model import VGGT, load_vggt
 
 PRESET_PREFIX = "preset:"
+UNTRAINED_PREFIX = "untrained:"
 
 
 def load_model_spec(spec: str, seed: int = 0) -> tuple[str, VGGT]:
-    """``preset:NAME`` -> randomly initialised (seeded) preset; otherwise a checkpoint path (float, or a packed
-    quantized checkpoint from ``qvggt quantize``). Returns (name, model)."""
+    """``preset:NAME`` -> randomly initialised (seeded) preset; ``untrained:PARAMS`` -> the initialisation
+    ``qvggt train`` starts from with the ``train`` section of the params file PARAMS (its architecture options, such
+    as correspondence tokens, included); otherwise a checkpoint path (float, or a packed quantized checkpoint from
+    ``qvggt quantize``). Returns (name, model)."""
     if spec.startswith(PRESET_PREFIX):
         torch.manual_seed(seed)
         name = spec[len(PRESET_PREFIX) :]
         return f"{name}-untrained", load_vggt(preset=name)
+    if spec.startswith(UNTRAINED_PREFIX):
+        from qvggt.config import load_config
+        from qvggt.train.trainer import init_model
+
+        tcfg = load_config(spec[len(UNTRAINED_PREFIX) :] or "params.yaml").train
+        return f"{tcfg.preset}-untrained", init_model(tcfg).eval()
     path = Path(spec)
     from qvggt.quant.export import MANIFEST_KEY, load_quantized
 
@@ -47,7 +56,7 @@ def calibration_sample_ids(spec: str) -> set[str]:
     path = Path(spec)
     from qvggt.quant.export import MANIFEST_KEY, read_manifest
 
-    if spec.startswith(PRESET_PREFIX) or not _has_metadata(path, MANIFEST_KEY):
+    if spec.startswith((PRESET_PREFIX, UNTRAINED_PREFIX)) or not _has_metadata(path, MANIFEST_KEY):
         return set()
     return set((read_manifest(path).get("calibration") or {}).get("sample_ids") or [])
 

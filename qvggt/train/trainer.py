@@ -152,7 +152,9 @@ class TrainResult:
     final_loss: float
 
 
-def _make_model(cfg: TrainConfig) -> VGGT:
+def init_model(cfg: TrainConfig) -> VGGT:
+    """The model ``qvggt train`` starts from for ``cfg``: the preset at the run's image size (track head off, the
+    correspondence matcher when asked), seeded by ``cfg.seed``; the same weights on every call."""
     torch.manual_seed(cfg.seed)
     preset = get_preset(cfg.preset)
     model_cfg = preset.model_copy(
@@ -232,7 +234,7 @@ def train(
         val_seeds, val_cats = validation_scenes(data, cfg.val_scenes)
         val_cache = SceneCache(build_cache(cache_root, val_seeds, val_cats, cfg.num_frames, cfg.image_size, progress))
 
-    model = _make_model(cfg).to(device).train()
+    model = init_model(cfg).to(device).train()
     # Recomputing blocks saves memory on a GPU but costs a third of the step time on a CPU.
     model.aggregator.gradient_checkpointing = device != "cpu"
     if model.correspondence is not None:

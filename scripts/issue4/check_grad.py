@@ -3,7 +3,7 @@ import numpy as np, torch
 torch.set_num_threads(1)
 from qvggt.train.data import SceneCache
 from qvggt.train.losses import vggt_loss, LossWeights, camera_loss
-from qvggt.train.trainer import _make_model
+from qvggt.train.trainer import init_model
 from qvggt.config import TrainConfig
 from qvggt.model import load_vggt
 from qvggt.geometry.pose_encoding import extri_intri_to_pose_encoding, pose_encoding_to_extri_intri
@@ -11,7 +11,7 @@ from qvggt.eval.metrics.pose import pose_errors
 
 c = SceneCache("runs/cache/synthetic-a624560138487735")
 b = c.batch([0, 1])
-for name, model in [("init", _make_model(TrainConfig(preset="small", image_size=126))), ("trained", load_vggt("models/small/model.safetensors").float())]:
+for name, model in [("init", init_model(TrainConfig(preset="small", image_size=126))), ("trained", load_vggt("models/small/model.safetensors").float())]:
     model.train(); model.aggregator.gradient_checkpointing = False
     preds = model(b["images"])
     gt = extri_intri_to_pose_encoding(b["extrinsics"], b["intrinsics"], (126, 126))

@@ -13,7 +13,7 @@ import torch
 from qvggt.config import load_config
 from qvggt.model import save_checkpoint
 from qvggt.train.data import SceneCache, build_cache
-from qvggt.train.trainer import _make_model, batch_indices, param_groups, training_losses, training_scenes
+from qvggt.train.trainer import init_model, batch_indices, param_groups, training_losses, training_scenes
 
 torch.set_num_threads(1)
 params_path, work, out, steps, lr = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
@@ -22,7 +22,7 @@ cfg = params.train
 seeds, cats = training_scenes(params.data, cfg.num_scenes)
 cache = SceneCache(build_cache("runs/cache", seeds, cats, cfg.num_frames, cfg.image_size, progress=False))
 state = torch.load(f"{work}/state.pt", weights_only=True)
-model = _make_model(cfg)
+model = init_model(cfg)
 model.load_state_dict(state["model"])
 model.aggregator.gradient_checkpointing = False
 model.correspondence.matcher.backbone.gradient_checkpointing = False

@@ -1,11 +1,11 @@
 import time, torch
 torch.set_num_threads(1)
 from qvggt.config import TrainConfig
-from qvggt.train.trainer import _make_model, camera_forward
+from qvggt.train.trainer import init_model, camera_forward
 from qvggt.train.data import SceneCache
 from qvggt.train.losses import vggt_loss
 c = SceneCache("runs/cache/synthetic-a624560138487735")
-m = _make_model(TrainConfig()).train(); m.aggregator.gradient_checkpointing = False
+m = init_model(TrainConfig()).train(); m.aggregator.gradient_checkpointing = False
 b = c.batch([0, 1])
 for name, fwd in (("full", lambda x: m(x)), ("camera_only", lambda x: camera_forward(m, x))):
     ts = []

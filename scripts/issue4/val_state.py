@@ -8,14 +8,14 @@ import torch
 
 from qvggt.config import load_config
 from qvggt.train.data import SceneCache, build_cache
-from qvggt.train.trainer import _make_model
+from qvggt.train.trainer import init_model
 from qvggt.train.validation import validate, validation_scenes
 
 torch.set_num_threads(1)
 params = load_config(sys.argv[1])
 cfg, data = params.train, params.data
 state = torch.load(f"{sys.argv[2]}/state.pt", weights_only=True)
-model = _make_model(cfg)
+model = init_model(cfg)
 model.load_state_dict(state["model"])
 seeds, cats = validation_scenes(data, 32)
 cache = SceneCache(build_cache("runs/cache", seeds, cats, cfg.num_frames, cfg.image_size, progress=False))

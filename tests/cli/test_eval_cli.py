@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 from qvggt.cli import app
+from qvggt.config import load_config
+from qvggt.eval.command import load_model_spec
 from qvggt.model import build_model, get_preset, save_checkpoint
+from qvggt.train.trainer import init_model
 
 runner = CliRunner()
 
@@ -37,3 +41,28 @@ def test_eval_rejects_bad_specs(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "unknown dataset spec" in res.output
     res = runner.invoke(app, ["eval", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     assert res.exit_code == 1 and "not found" in res.output
+
+
+def test_untrained_spec_is_the_training_runs_own_initialisation(tmp_path: Path) -> None:
+    """``untrained:PARAMS`` builds what ``qvggt train`` starts from, architecture options included: the honest
+    "untrained" column for a model with correspondence tokens, which ``preset:NAME`` would build without them."""
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "train:\n  preset: tiny\n  image_size: 42\n  num_frames: 2\n  correspondence_tokens: true\n"
+        "  token_init_std: 0.5\n  seed: 3\n"
+    )
+    name, model = load_model_spec(f"untrained:{params}")
+    init = init_model(load_config(params).train).state_dict()
+    got = model.state_dict()
+    assert name == "tiny-untrained" and model.correspondence is not None
+    assert got.keys() == init.keys() and all(torch.equal(got[k], init[k]) for k in init)
+    assert not torch.equal(got["aggregator.camera_token"], load_model_spec("preset:tiny")[1].aggregator.camera_token)
+
+    out = tmp_path / "eval"
+    res = runner.invoke(
+        app, ["eval", "--model", f"untrained:{params}", "--scenes", "1", "--frames", "2", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["models"] == ["tiny-untrained"]
+    res = runner.invoke(app, ["eval", "--model", f"untrained:{tmp_path / 'nope.yaml'}", "--out", str(out)])
+    assert res.exit_code == 1 and "config file not found" in res.output

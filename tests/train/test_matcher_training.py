@@ -16,7 +16,7 @@ from qvggt.data.synthetic import make_batch
 from qvggt.model import load_vggt
 from qvggt.train.correspondence import match_targets, matching_loss
 from qvggt.train.data import select_frames
-from qvggt.train.trainer import _make_model, train
+from qvggt.train.trainer import init_model, train
 
 PS = 14
 
@@ -88,7 +88,7 @@ def test_phases_train_the_matcher_first_and_resume_exactly(tmp_path: Path) -> No
     part = train(CORR, DataConfig(), tmp_path / "b", tmp_path / "wb", cache, stop_after=2, progress=False)
     assert part.steps == 2
     after_matcher = torch.load(tmp_path / "wb" / "state.pt", weights_only=True)["model"]
-    init = _make_model(CORR).state_dict()
+    init = init_model(CORR).state_dict()
     moved = {k for k in init if not torch.equal(init[k], after_matcher[k])}
     assert moved and all(k.startswith("correspondence.matcher.") for k in moved)
 

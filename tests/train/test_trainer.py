@@ -12,9 +12,9 @@ from tiny_train import TINY_TRAIN
 from qvggt.config import DataConfig, TrainConfig
 from qvggt.model import load_vggt
 from qvggt.train.trainer import (
-    _make_model,
     batch_indices,
     frame_stride,
+    init_model,
     lr_factor,
     param_groups,
     step_frames,
@@ -122,7 +122,7 @@ def test_frame_schedule_and_camera_lr_groups() -> None:
         TrainConfig(frame_stride=2)
 
     tiny = CFG.model_copy(update={"camera_lr_mult": 10.0})
-    model = _make_model(tiny)
+    model = init_model(tiny)
     groups = param_groups(model, tiny)
     camera = {id(p) for n, p in model.named_parameters() if n.startswith("camera_head.") or n.endswith("camera_token")}
     for g in groups:
@@ -134,7 +134,7 @@ def test_frame_schedule_and_camera_lr_groups() -> None:
 
 
 def test_token_init_std_sets_the_special_tokens_only() -> None:
-    base, wide = _make_model(CFG), _make_model(CFG.model_copy(update={"token_init_std": 0.5}))
+    base, wide = init_model(CFG), init_model(CFG.model_copy(update={"token_init_std": 0.5}))
     agg = wide.aggregator
     for token in (agg.camera_token, agg.register_token):
         assert 0.4 < float(token.detach().std()) < 0.6
@@ -143,5 +143,5 @@ def test_token_init_std_sets_the_special_tokens_only() -> None:
     assert float((base.aggregator.camera_token[:, 0] - base.aggregator.camera_token[:, 1]).detach().norm()) < 1e-4
     same = {k: v for k, v in base.state_dict().items() if not k.endswith(("camera_token", "register_token"))}
     assert all(torch.equal(v, wide.state_dict()[k]) for k, v in same.items())
-    again = _make_model(CFG.model_copy(update={"token_init_std": 0.5}))
+    again = init_model(CFG.model_copy(update={"token_init_std": 0.5}))
     assert torch.equal(agg.camera_token, again.aggregator.camera_token)  # drawn from the seeded generator
