@@ -13,7 +13,7 @@ import torch
 from qvggt.config import load_config
 from qvggt.model import save_checkpoint
 from qvggt.train.data import SceneCache, build_cache
-from qvggt.train.trainer import init_model, batch_indices, param_groups, training_losses, training_scenes
+from qvggt.train.trainer import batch_indices, init_model, param_groups, training_losses, training_scenes
 
 torch.set_num_threads(1)
 params_path, work, out, steps, lr = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])

@@ -1,7 +1,7 @@
 import time, torch
 torch.set_num_threads(1)
 from qvggt.config import TrainConfig
-from qvggt.train.trainer import init_model, camera_forward
+from qvggt.train.trainer import camera_forward, init_model
 from qvggt.train.data import SceneCache
 from qvggt.train.losses import vggt_loss
 c = SceneCache("runs/cache/synthetic-a624560138487735")
