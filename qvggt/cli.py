@@ -42,6 +42,10 @@ def predict(
     conf_percentile: Annotated[float | None, typer.Option(help="Keep points above this confidence percentile.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for random weights and point subsampling.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    points: Annotated[
+        str | None,
+        typer.Option(help="Cloud to write/draw: depth (unprojected with the predicted cameras) or pointmap."),
+    ] = None,
     params: Annotated[Path, typer.Option(help="Project parameters (section `predict` gives the defaults).")] = Path(
         "params.yaml"
     ),
@@ -75,6 +79,7 @@ def predict(
             p.conf_percentile if conf_percentile is None else conf_percentile,
             p.seed if seed is None else seed,
             device,
+            points or p.points,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)

@@ -83,6 +83,8 @@ class PredictConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     conf_percentile: float = Field(50.0, ge=0, le=100)
     seed: int = 0
+    # The cloud to write and draw: depth unprojected with the predicted cameras, or the point head's map.
+    points: Literal["depth", "pointmap"] = "depth"
 
     @model_validator(mode="after")
     def _check(self) -> PredictConfig:

@@ -4,8 +4,11 @@ Writes, into the output folder:
   - ``predictions.npz``: the model's outputs under their own names, batch dim dropped (S frames, H x W):
     ``pose_enc`` [S, 9], ``depth`` [S, H, W, 1], ``depth_conf`` [S, H, W], ``world_points`` [S, H, W, 3],
     ``world_points_conf`` [S, H, W], plus ``extrinsic`` [S, 3, 4] (camera-from-world, OpenCV) and
-    ``intrinsic`` [S, 3, 3], and the input ``images`` [S, 3, H, W];
-  - ``points.ply``: the confident part of the predicted point map, coloured by the input;
+    ``intrinsic`` [S, 3, 3], ``depth_points`` [S, H, W, 3] (the depth unprojected with the predicted cameras),
+    and the input ``images`` [S, 3, H, W];
+  - ``points.ply``: the confident part of the predicted points, coloured by the input: ``depth_points`` with
+    ``depth_conf`` (``points="depth"``, the default of VGGT's demo and its more accurate branch) or the point
+    head's ``world_points`` with ``world_points_conf`` (``points="pointmap"``);
   - ``prediction.png``: input frames, predicted depth, the rendered point cloud (next to ground truth for
     synthetic scenes).
 """
@@ -22,12 +25,14 @@ from tqdm import tqdm
 from qvggt.data.images import load_image_folder
 from qvggt.data.synthetic import make_scene
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
+from qvggt.geometry.unproject import depth_to_world_points
 from qvggt.io import atomic_open
 from qvggt.model import VGGT, load_vggt
 from qvggt.viz import confident_points, save_prediction_figure, write_ply
 
 SYNTHETIC_PREFIX = "synthetic:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+POINT_SOURCES = {"depth": ("depth_points", "depth_conf"), "pointmap": ("world_points", "world_points_conf")}
 OUTPUT_FILES = {"predictions": "predictions.npz", "ply": "points.ply", "png": "prediction.png"}
 
 
@@ -81,10 +86,17 @@ def predict(
     conf_percentile: float = 50.0,
     seed: int = 0,
     device: str = "cpu",
+    points: str = "depth",
 ) -> dict[str, Path]:
-    """Run the whole predict job; returns the paths written. Raises ValueError subclasses on bad input."""
+    """Run the whole predict job; returns the paths written. Raises ValueError subclasses on bad input.
+
+    ``points`` picks the cloud written to points.ply and drawn in prediction.png: ``depth`` (depth map
+    unprojected with the predicted cameras) or ``pointmap`` (the point head's output).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    if points not in POINT_SOURCES:
+        raise ValueError(f"unknown points source {points!r}; use one of {sorted(POINT_SOURCES)}")
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     with tqdm(total=5, desc="predict", unit="step", leave=False) as steps:
@@ -102,6 +114,7 @@ def predict(
         steps.set_postfix_str(f"inference on {inputs.images.shape[0]} frames")
         arrays = run_model(model, inputs.images, DTYPES[dtype])
         arrays["images"] = inputs.images.numpy()
+        arrays["depth_points"] = depth_to_world_points(arrays["depth"], arrays["extrinsic"], arrays["intrinsic"])
         steps.update()
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +122,11 @@ def predict(
 
         with atomic_open(paths["predictions"]) as f:
             np.savez_compressed(f, **arrays)
-        points, colors = confident_points(
-            arrays["world_points"], arrays["world_points_conf"], arrays["images"], percentile=conf_percentile, seed=seed
+        points_key, conf_key = POINT_SOURCES[points]
+        cloud, colors = confident_points(
+            arrays[points_key], arrays[conf_key], arrays["images"], percentile=conf_percentile, seed=seed
         )
-        write_ply(paths["ply"], points, colors)
+        write_ply(paths["ply"], cloud, colors)
         steps.update()
 
         steps.set_postfix_str("rendering figure")
@@ -125,7 +139,7 @@ def predict(
             paths["png"],
             arrays["images"],
             arrays["depth"],
-            points,
+            cloud,
             colors,
             gt_points=gt_points,
             gt_colors=gt_colors,

@@ -36,8 +36,10 @@ def save_prediction_figure(
     gt_colors: Any | None = None,
     title: str = "",
     max_frames: int = 8,
-    view: str | tuple[float, float] = "camera",
+    view: str | tuple[float, float] = (30.0, 0.0),
     dpi: int = 100,
+    focus: float | None = 1.5,
+    point_size: float = 3.0,
 ) -> Path:
     """Save a PNG summarising one prediction, atomically (temp file in the same folder, then os.replace).
 
@@ -55,8 +57,10 @@ def save_prediction_figure(
             is None the points are drawn grey.
         title: figure title.
         max_frames: cap on frames shown in rows 1-2.
-        view: viewpoint for the point clouds (see :func:`render_points`).
+        view: viewpoint for the point clouds (see :func:`render_points`); the default looks down 30 degrees
+            from behind the first camera, the frame VGGT predicts in.
         dpi: output resolution; the figure is about ``2.2 * frames`` inches wide.
+        focus, point_size: passed to :func:`render_points` for both clouds.
 
     Returns:
         ``path`` as a ``Path``.
@@ -115,12 +119,13 @@ def save_prediction_figure(
     has_gt = gt_points is not None
     clouds = grid[2, :].subgridspec(1, 2 if has_gt else 1, wspace=0.05)
     pred_pts = to_numpy(points, np.float32).reshape(-1, 3)
-    render_points(pred_pts, colors, fig.add_subplot(clouds[0, 0]), view=view, title=f"predicted ({len(pred_pts)} pts)")
+    style = {"view": view, "focus": focus, "point_size": point_size}
+    render_points(pred_pts, colors, fig.add_subplot(clouds[0, 0]), title=f"predicted ({len(pred_pts)} pts)", **style)
     if has_gt:
         gt_pts = to_numpy(gt_points, np.float32).reshape(-1, 3)
         gt_cols = gt_colors if gt_colors is not None else np.full((len(gt_pts), 3), 128, np.uint8)
         render_points(
-            gt_pts, gt_cols, fig.add_subplot(clouds[0, 1]), view=view, title=f"ground truth ({len(gt_pts)} pts)"
+            gt_pts, gt_cols, fig.add_subplot(clouds[0, 1]), title=f"ground truth ({len(gt_pts)} pts)", **style
         )
 
     if title:

@@ -204,12 +204,15 @@ def render_points(
     point_size: float = 1.5,
     max_points: int | None = 100_000,
     title: str | None = None,
+    focus: float | None = None,
 ) -> None:
     """Scatter-render a coloured point cloud onto a 2-D matplotlib axis.
 
     The viewer orbits the cloud's median point at a distance of ~2.5x its robust radius. Points are drawn
     far-to-near so nearer points cover farther ones; the axis limits ignore the outer 1% of points so a few
-    outliers do not shrink the cloud to a dot.
+    outliers do not shrink the cloud to a dot. With ``focus``, points farther from the median point than
+    ``focus`` times the median distance are left out first: a reconstruction's far background (ground seen
+    at grazing angles, sparse and streaky) otherwise takes the frame and leaves the objects a few pixels wide.
 
     Args:
         points: ``[N, 3]`` xyz in the world frame (non-finite points are dropped).
@@ -220,7 +223,10 @@ def render_points(
         point_size: scatter marker area in points^2.
         max_points: draw at most this many points (deterministic subset) to keep rendering fast.
         title: optional axis title.
+        focus: if given (> 0), keep only points within ``focus`` x the median distance of the median point.
     """
+    if focus is not None and not focus > 0:
+        raise ValueError(f"focus must be > 0 or None, got {focus}")
     if isinstance(view, str):
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r}; use one of {sorted(VIEWS)} or (elevation_deg, azimuth_deg)")
@@ -234,6 +240,10 @@ def render_points(
         raise ValueError(f"points ({len(pts)}) and colors ({len(cols)}) differ in length")
     finite = np.isfinite(pts).all(-1)
     pts, cols = pts[finite], cols[finite]
+    if focus is not None and len(pts):
+        dist = np.linalg.norm(pts - np.median(pts, axis=0), axis=1)
+        near = dist <= focus * np.median(dist)
+        pts, cols = pts[near], cols[near]
     if max_points is not None and len(pts) > max_points:
         sel = np.sort(np.random.default_rng(0).choice(len(pts), size=max_points, replace=False))
         pts, cols = pts[sel], cols[sel]

@@ -37,6 +37,20 @@ def test_synthetic_scene(tmp_path: Path) -> None:
     png = Image.open(tmp_path / "prediction.png")
     assert png.format == "PNG" and png.size[0] > 500
     assert not list(tmp_path.glob(".*.tmp"))
+    # The default cloud is the depth branch: every PLY point is a depth point of the saved predictions.
+    depth_points = arrays["depth_points"].reshape(-1, 3)
+    assert depth_points.shape == (3 * 126 * 126, 3)
+    assert np.isin(points[:, 0], depth_points[:, 0]).all()
+    assert not np.isin(points[:, 0], arrays["world_points"].reshape(-1, 3)[:, 0]).all()
+
+
+def test_pointmap_cloud_is_the_point_heads_output(tmp_path: Path) -> None:
+    res = _run("synthetic:5", "--preset", "tiny", "--frames", "2", "--points", "pointmap", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "predictions.npz") as npz:
+        world_points = npz["world_points"].reshape(-1, 3)
+    points, _ = read_ply(tmp_path / "points.ply")
+    assert len(points) > 0 and np.isin(points[:, 0], world_points[:, 0]).all()
 
 
 def test_folder_of_images_and_our_checkpoint(tmp_path: Path) -> None:
@@ -67,6 +81,7 @@ def test_folder_of_images_and_our_checkpoint(tmp_path: Path) -> None:
         ("synthetic", ["--dtype", "float8"], "unknown dtype"),
         ("badseed", [], "synthetic:SEED"),
         ("synthetic", ["--preset", "huge"], "unknown preset"),
+        ("synthetic", ["--points", "mesh"], "unknown points source"),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path: Path, setup: str, args: list[str], message: str) -> None:

@@ -146,6 +146,31 @@ def test_render_points_nearer_drawn_on_top() -> None:
         assert red.sum() > 5 * max(blue.sum(), 1)
 
 
+def test_render_points_focus_drops_the_far_background_and_zooms_in() -> None:
+    # A dense red cluster (the objects) and a sparse blue ring 20x farther out (far ground): without focus
+    # the ring sets the frame; with focus it is left out and the cluster fills the panel.
+    rng = np.random.default_rng(0)
+    near = rng.normal(0.0, 0.3, (3000, 3)) + [0.0, 0.0, 5.0]
+    angle = rng.uniform(0, 2 * np.pi, 300)
+    far = np.c_[6 * np.cos(angle), 6 * np.sin(angle), np.full(300, 5.0)]
+    pts = np.r_[near, far]
+    cols = np.r_[np.tile([255, 0, 0], (3000, 1)), np.tile([0, 0, 255], (300, 1))].astype(np.uint8)
+    kw = {"view": "front", "perspective": False, "point_size": 20.0}
+    whole = _render_to_array(pts, cols, **kw).astype(int)
+    focused = _render_to_array(pts, cols, focus=1.5, **kw).astype(int)
+
+    def red(img: np.ndarray) -> int:
+        return int(((img[..., 0] > 200) & (img[..., 2] < 80)).sum())
+
+    def blue(img: np.ndarray) -> int:
+        return int(((img[..., 2] > 200) & (img[..., 0] < 80)).sum())
+
+    assert blue(whole) > 0 and blue(focused) == 0
+    assert red(focused) > 3 * red(whole)
+    with pytest.raises(ValueError, match="focus must be > 0"):
+        render_points(pts, cols, Figure().add_subplot(), focus=0.0)
+
+
 def test_render_points_empty_and_bad_view() -> None:
     fig = Figure()
     ax = fig.add_subplot()
