@@ -53,6 +53,7 @@ HIST_METRICS: dict[str, str] = {
     "depth_abs_rel": "depth AbsRel (per scene)",
     "rot_err_median": "median rotation error (deg)",
     "pm_chamfer": "point-map Chamfer distance",
+    "dpm_chamfer": "depth + camera Chamfer distance",
 }
 LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 ERR_VMAX = 0.5  # colour-scale top of the AbsRel maps

@@ -34,6 +34,7 @@ from qvggt.eval.metrics import (
     retention,
 )
 from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
+from qvggt.geometry.unproject import depth_to_world_points
 from qvggt.io import atomic_open
 from qvggt.model import VGGT
 
@@ -50,13 +51,14 @@ MAIN_METRICS = (
     "depth_abs_rel",
     "depth_delta1",
     "pm_chamfer",
+    "dpm_chamfer",
 )
 AUC_EDGES = np.arange(31)  # 1-degree bins of the per-pair max(rot, trans) error over 0..30 degrees
 
 
 class Predictor(Protocol):
-    """Anything that maps a sample to predictions: ``extrinsic`` [S, 3, 4], ``depth`` [S, H, W],
-    ``world_points`` [S, H, W, 3] (each optional), and their ``*_conf``."""
+    """Anything that maps a sample to predictions: ``extrinsic`` [S, 3, 4], ``intrinsic`` [S, 3, 3], ``depth``
+    [S, H, W], ``world_points`` [S, H, W, 3] (each optional), and their ``*_conf``."""
 
     name: str
 
@@ -101,8 +103,10 @@ class TrivialBaseline:
         v, u = np.mgrid[0:H, 0:W].astype(np.float32)
         plane = np.stack([(u - W / 2) / f, (v - H / 2) / f, np.ones_like(u)], axis=-1)
         conf = np.ones((S, H, W), np.float32)
+        intrinsic = np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1]], np.float32)
         return {
             "extrinsic": np.broadcast_to(np.eye(3, 4, dtype=np.float32), (S, 3, 4)).copy(),
+            "intrinsic": np.broadcast_to(intrinsic, (S, 3, 3)).copy(),
             "depth": depth,
             "depth_conf": conf,
             "world_points": np.broadcast_to(plane, (S, H, W, 3)).copy(),
@@ -126,6 +130,12 @@ def score_sample(sample: EvalSample, preds: dict[str, np.ndarray], max_points: i
         metrics.update(
             pointmap_metrics(preds["world_points"], sample.world_points, sample.valid_mask, max_points=max_points)
         )
+    if sample.world_points is not None and {"depth", "extrinsic", "intrinsic"} <= preds.keys():
+        # VGGT's other cloud: the depth branch unprojected with the predicted cameras ("dpm_*"; the paper finds it
+        # more accurate than the point head, and it is what `qvggt predict` draws by default).
+        points = depth_to_world_points(preds["depth"], preds["extrinsic"], preds["intrinsic"])
+        scored = pointmap_metrics(points, sample.world_points, sample.valid_mask, max_points=max_points)
+        metrics.update({f"d{k}": v for k, v in scored.items()})
     return {"metrics": metrics, **extra}
 
 

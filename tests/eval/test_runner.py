@@ -23,6 +23,7 @@ class Oracle:
         conf = np.ones(sample.depth.shape, np.float32)
         return {
             "extrinsic": sample.extrinsics,
+            "intrinsic": sample.intrinsics,
             "depth": sample.depth,
             "depth_conf": conf,
             "world_points": sample.world_points,
@@ -56,13 +57,27 @@ def test_oracle_is_perfect_and_baseline_is_not(dataset, tmp_path: Path) -> None:
     assert oracle["pose_auc@30"] == pytest.approx(100.0)
     assert oracle["depth_abs_rel"] == pytest.approx(0.0, abs=1e-6)
     assert oracle["pm_chamfer"] == pytest.approx(0.0, abs=1e-4)
+    assert oracle["dpm_chamfer"] == pytest.approx(0.0, abs=1e-4)
     assert base["pose_auc@30"] < 60 and base["depth_abs_rel"] > 0.05
+    # The baseline's points are its plane unprojected with its identity cameras: both clouds are the same.
+    assert base["dpm_chamfer"] == pytest.approx(base["pm_chamfer"], rel=1e-5)
     # The baseline vs the oracle: fidelity and retention are computed against the first model.
     assert result.comparison["baseline:identity+plane"]["pose_auc@30"]["retention"] < 60
     assert "fid_rel_l2_depth" in base
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["models"] == ["oracle", "baseline:identity+plane"]
     assert "| pose_auc@30 |" in format_table(result)
+
+
+def test_depth_cloud_sees_wrong_cameras_the_point_map_does_not(dataset) -> None:
+    from qvggt.eval.runner import score_sample
+
+    sample = dataset.load(dataset.sample_ids()[0])
+    preds = Oracle()(sample)
+    preds["extrinsic"] = preds["extrinsic"].copy()
+    preds["extrinsic"][1:, :, 3] += 0.5  # exact depth and points, cameras off
+    metrics = score_sample(sample, preds)["metrics"]
+    assert metrics["pm_chamfer"] < 1e-4 and metrics["dpm_chamfer"] > 0.01
 
 
 def test_a_killed_run_resumes_and_matches_a_clean_run(dataset, tmp_path: Path) -> None:
