@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/qvggt predict synthetic:200001 --frames 4 --out runs/demo
+	$(BIN)/qvggt predict synthetic:200005 --frames 4 --out runs/demo
 	# The pipeline (params.yaml `pipeline`): quantize, evaluate, benchmark (skipped without a GPU), track in MLflow.
 	PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 $(BIN)/python flows/quantize_vggt.py
 
