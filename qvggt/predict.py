@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from qvggt.data.images import load_image_folder
 from qvggt.data.synthetic import make_scene
-from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.geometry.unproject import depth_to_world_points
 from qvggt.io import atomic_open
-from qvggt.model import VGGT, load_vggt
+from qvggt.model import load_vggt
+from qvggt.model.inference import infer_scene
 from qvggt.viz import confident_points, save_prediction_figure, write_ply
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -60,18 +60,6 @@ def load_inputs(source: str, image_hw: tuple[int, int], num_frames: int = 8, mod
     folder = Path(source)
     images = load_image_folder(folder, mode=mode, target_size=image_hw[1])
     return Inputs(images, folder.name)
-
-
-@torch.no_grad()
-def run_model(model: VGGT, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
-    """Forward pass on [S, 3, H, W] images -> numpy outputs without the batch dim, plus extrinsic/intrinsic."""
-    device = next(model.parameters()).device
-    images = images.to(device)
-    out = model(images, dtype=dtype)
-    extrinsic, intrinsic = pose_encoding_to_extri_intri(out["pose_enc"], images.shape[-2:])
-    arrays = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    arrays.update(extrinsic=extrinsic, intrinsic=intrinsic)
-    return {k: v[0].float().cpu().numpy() for k, v in arrays.items()}
 
 
 def predict(
@@ -112,7 +100,7 @@ def predict(
         steps.update()
 
         steps.set_postfix_str(f"inference on {inputs.images.shape[0]} frames")
-        arrays = run_model(model, inputs.images, DTYPES[dtype])
+        arrays = infer_scene(model, inputs.images, DTYPES[dtype])
         arrays["images"] = inputs.images.numpy()
         arrays["depth_points"] = depth_to_world_points(arrays["depth"], arrays["extrinsic"], arrays["intrinsic"])
         steps.update()

@@ -33,10 +33,10 @@ from qvggt.eval.metrics import (
     pose_metrics,
     retention,
 )
-from qvggt.geometry.pose_encoding import pose_encoding_to_extri_intri
 from qvggt.geometry.unproject import depth_to_world_points
 from qvggt.io import atomic_open
 from qvggt.model import VGGT
+from qvggt.model.inference import infer_scene
 
 SCENES_FILE = "scenes.jsonl"
 RUN_FILE = "run.json"
@@ -73,15 +73,8 @@ class ModelPredictor:
     model: VGGT
     dtype: torch.dtype = torch.float32
 
-    @torch.no_grad()
     def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]:
-        device = next(self.model.parameters()).device
-        images = torch.from_numpy(sample.images).to(device)
-        out = self.model(images, dtype=self.dtype)
-        extrinsic, intrinsic = pose_encoding_to_extri_intri(out["pose_enc"], images.shape[-2:])
-        arrays = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-        arrays.update(extrinsic=extrinsic, intrinsic=intrinsic)
-        preds = {k: v[0].float().cpu().numpy() for k, v in arrays.items()}
+        preds = infer_scene(self.model, torch.from_numpy(sample.images), self.dtype)
         preds["depth"] = preds["depth"][..., 0]
         return preds
 
