@@ -40,13 +40,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from qvggt.io import atomic_open
+from qvggt.model.hooks import HookSet
 from qvggt.quant.special_tokens import tokens_per_frame
 
 __all__ = [
@@ -537,7 +538,7 @@ class StatsReport:
 # ----------------------------------------------------------------------------------------------- collector
 
 
-class ActivationStats:
+class ActivationStats(HookSet):
     """Streaming collector of layer-input statistics via forward pre-hooks.
 
     Usage::
@@ -559,13 +560,13 @@ class ActivationStats:
         layout: TokenLayout | None = None,
         chunk_elements: int = _CHUNK_ELEMENTS,
     ) -> None:
+        super().__init__()
         self.bins = bins or LogBins()
         self.layout = layout
         self.chunk_elements = int(chunk_elements)
         self.aggregator: nn.Module | None = None
         self.layer_names: list[str] = []
         self.prefix = ""
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._layers: dict[str, _LayerAccumulator] = {}
         self._edges: dict[torch.device, Tensor] = {}
         self._auto_layout: TokenLayout | None = None
@@ -579,8 +580,8 @@ class ActivationStats:
 
     def attach(self, model: nn.Module, layers: Literal["default"] | Sequence[str] = "default") -> ActivationStats:
         """Register pre-hooks on the inputs of ``layers`` (module names of ``model``); returns self."""
-        if self._handles:
-            raise RuntimeError("already attached; call detach() first")
+        if self.attached:
+            raise RuntimeError("already attached; call remove() first")
         self.aggregator, self.prefix = _find_aggregator(model)
         cfg = getattr(model, "cfg", None)
         self._model_name = str(getattr(cfg, "name", None) or type(model).__name__)
@@ -598,22 +599,10 @@ class ActivationStats:
             hook = partial(
                 self._on_input, name, self._is_split(name), isinstance(modules[name], (nn.Conv1d, nn.Conv2d, nn.Conv3d))
             )
-            self._handles.append(modules[name].register_forward_pre_hook(hook))
+            self._add_hook(modules[name].register_forward_pre_hook(hook))
         top = self.aggregator if self.aggregator is not None else model
-        self._handles.append(top.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._add_hook(top.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         return self
-
-    def detach(self) -> None:
-        """Remove every hook; the accumulated statistics stay."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
 
     def _is_split(self, name: str) -> bool:
         if self.layout is not None:

@@ -31,9 +31,12 @@ points, ``qvggt.quant.dsfq``):
 Optimizer: AdamW without weight decay, ``lr`` for log_s and ``CLIP_LR_FACTOR`` times it for the clipping logits,
 decayed linearly to 0 over the planned steps (epochs x batches; a binding time budget stops it earlier).
 
-After training, a block keeps the learned parameters only if they lower its loss on the calibration inputs below
-the initial point's (SmoothQuant scales, plain min/max weight scales): reconstruction never makes a block worse on
-the data it saw. The caller folds the learned s where DSFQ folds it (``SmoothTarget.fold_``) and bakes the ratios
+After training, a block keeps the learned parameters only if they lower its loss below the initial point's
+(SmoothQuant scales, plain min/max weight scales). With ``holdout`` > 0 that test runs on calibration batches the
+block did not train on (a fraction of them, drawn once by the seed and the same for every block): the learned
+clipping is one ratio per weight scale group, enough parameters to fit 6-8 calibration scenes and lose on others
+(measured: docs/QUANTIZATION.md, "Held-out acceptance"). Without it the test runs on the training batches, and
+reconstruction never makes a block worse on the data it saw. The caller folds the learned s where DSFQ folds it (``SmoothTarget.fold_``) and bakes the ratios
 into the weight scales (``QuantLinear.from_float(..., clip_ratio=ratio)``): the checkpoint format is unchanged.
 
 Memory: calibration caches only the first block's inputs (and, per block, its RoPE positions, views of one
@@ -58,9 +61,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
+from qvggt.model.hooks import HookSet
 from qvggt.model.layers import Block
 from qvggt.quant.coverage import LayerPlan
 from qvggt.quant.fold import aggregator_blocks
@@ -101,6 +104,8 @@ class ReconSettings:
         quant_inputs: train each block on the quantized previous blocks' outputs (else on the float inputs).
         special_weight: None for the plain MSE over all tokens, else the weight of the camera/register tokens'
             mean squared error next to the patch tokens' (``_Objective``).
+        holdout: fraction of the calibration batches (rounded down) kept out of training to decide whether a block
+            keeps its learned parameters; 0, or fewer than one batch, tests on the training batches.
         progress: tqdm bar (one step per block, its loss in the postfix): True, False, or None for "when stderr
             is a terminal".
     """
@@ -113,13 +118,26 @@ class ReconSettings:
     max_memory_mb: float = 4096.0
     quant_inputs: bool = True
     special_weight: float | None = None
+    holdout: float = 0.0
     progress: bool | None = None
+
+    def split(self, n: int) -> tuple[list[int], list[int]]:
+        """(training, acceptance) batch indices of ``n`` calibration batches: ``floor(holdout * n)`` batches drawn
+        by ``seed`` are held out (acceptance = training when none is)."""
+        k = math.floor(self.holdout * n)
+        if not 0 <= k < n:
+            raise ValueError(f"recon holdout={self.holdout!r} leaves no training batch of {n}; use a value in [0, 1)")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 1)).tolist()
+        held = sorted(perm[:k])
+        train = sorted(perm[k:])
+        return train, held or train
 
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One block's reconstruction: losses (mean squared error against the float block's output on the calibration
-    inputs) at the initial point and with the learned parameters, whether these were kept, steps and seconds."""
+    """One block's reconstruction: losses (mean squared error against the float block's output on the acceptance
+    batches: the held-out ones, or all when none is held out) at the initial point and with the learned parameters,
+    whether these were kept, steps and seconds."""
 
     name: str
     loss_init: float
@@ -159,7 +177,7 @@ def chain_blocks(model: nn.Module, planned: Mapping[str, Any]) -> dict[str, Bloc
     return out if any(f"{n}.{sub}" in planned for n in out for sub in _SUBS) else {}
 
 
-class BlockInputRecorder:
+class BlockInputRecorder(HookSet):
     """Forward pre-hooks on a chain of Blocks during calibration: keeps the first block's input of every batch
     (up to ``max_bytes`` for four copies) and each block's extra arguments (RoPE positions: references, no copy);
     checks that each block's input is the previous block's output, viewed (the aggregator only reshapes tokens).
@@ -169,6 +187,7 @@ class BlockInputRecorder:
     """
 
     def __init__(self, blocks: Mapping[str, Block], max_bytes: float) -> None:
+        super().__init__()
         self.blocks = dict(blocks)
         self.max_bytes = max_bytes
         self.order: list[str] = []
@@ -180,12 +199,11 @@ class BlockInputRecorder:
         self._bytes = 0
         self._keep = False
         self._last: Tensor | None = None
-        self._handles: list[RemovableHandle] = []
 
     def attach(self) -> BlockInputRecorder:
         for name, block in self.blocks.items():
-            self._handles.append(block.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(self._post))
+            self._add_hook(block.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self._add_hook(block.register_forward_hook(self._post))
         return self
 
     def _pre(self, name: str) -> Any:
@@ -215,9 +233,7 @@ class BlockInputRecorder:
         self._last = output if isinstance(output, Tensor) else None
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().remove()
         self._last = None
 
     def check(self) -> None:
@@ -359,10 +375,11 @@ class _Objective:
 
 
 def _loss(
-    block: Block, xs: list[Tensor], targets: list[Tensor], extras: list[Any], objective: _Objective
+    block: Block, xs: list[Tensor], targets: list[Tensor], extras: list[Any], objective: _Objective, on: list[int]
 ) -> tuple[float, list[Tensor]]:
+    """Mean loss over the batches ``on``, and the block's outputs for every batch (the next block's inputs)."""
     outs = _run(block, xs, extras)
-    return sum(float(objective(o, t)) for o, t in zip(outs, targets, strict=True)) / len(outs), outs
+    return sum(float(objective(outs[i], targets[i])) for i in on) / len(on), outs
 
 
 def _init_scales(
@@ -414,8 +431,9 @@ def _train_block(
     fp_in.clear()  # the float outputs are the next block's float inputs
     for w in wrappers.values():
         w.quant, w.use_clip = True, False
+    train, accept = settings.split(len(q_in))
     t = time.perf_counter()
-    loss_init, q_out = _loss(block, q_in, fp_out, extras, objective)
+    loss_init, q_out = _loss(block, q_in, fp_out, extras, objective, accept)
     t_pass = time.perf_counter() - t
     saved = [(w, w.log_s.detach().clone()) for w in wrappers.values() if w.log_s is not None]
     for w in wrappers.values():
@@ -425,12 +443,12 @@ def _train_block(
         + [(w.clip_logit, settings.lr * CLIP_LR_FACTOR) for w in wrappers.values()]
     )
     stop = deadline - 2.0 * t_pass  # the evaluation pass after training must fit too
-    steps, step_time, n = 0, 0.0, len(q_in)
+    steps, step_time, n = 0, 0.0, len(train)
     epochs = settings.epochs if opt.params else 0  # a block with nothing planned only runs its passes
     planned = epochs * math.ceil(n / settings.batch)
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(n, generator=gen).tolist()
+            order = [train[k] for k in torch.randperm(n, generator=gen).tolist()]
             for i in range(0, n, settings.batch):
                 if time.perf_counter() + step_time > stop:
                     break
@@ -451,7 +469,7 @@ def _train_block(
             break  # out of time
     loss_learned, kept = loss_init, False
     if steps:
-        loss_learned, learned_out = _loss(block, q_in, fp_out, extras, objective)
+        loss_learned, learned_out = _loss(block, q_in, fp_out, extras, objective, accept)
         kept = loss_learned < loss_init
         if kept:
             q_out = learned_out

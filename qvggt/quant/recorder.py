@@ -10,21 +10,19 @@ from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+
+from qvggt.model.hooks import HookSet
 
 __all__ = ["InputRecorder"]
 
 
-class InputRecorder:
+class InputRecorder(HookSet):
     """Base of running statistics of modules' first inputs (module docstring); subclasses define ``_record``."""
-
-    def __init__(self) -> None:
-        self._handles: list[RemovableHandle] = []
 
     def attach(self, modules: Mapping[str, nn.Module]) -> Self:
         """Start recording the inputs of ``modules`` (name -> module); returns self."""
         for name, module in modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+            self._add_hook(module.register_forward_pre_hook(self._hook(name)))
         return self
 
     def _hook(self, name: str) -> Any:
@@ -40,15 +38,3 @@ class InputRecorder:
     def _record(self, name: str, x2d: Tensor) -> None:
         """Fold one input ``x2d`` [T, K] of module ``name`` into the statistics."""
         raise NotImplementedError
-
-    def remove(self) -> None:
-        """Remove the hooks (idempotent); the statistics stay readable."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

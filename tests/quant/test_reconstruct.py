@@ -62,9 +62,8 @@ def test_reconstruction_lowers_the_block_output_error(planted) -> None:
     assert err[True][1] < 0.93 * err[False][1], err
 
 
-def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGTConfig) -> tuple[Any, ...]:
-    """The float model after DSFQ's rotations and the (learned) smoothing folds, just before quantization, with
-    its online rotations as hooks; the handler's state; (the folded scales, the learned clipping ratios)."""
+def _calibrated(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGTConfig) -> tuple[Any, ...]:
+    """A copy of the model after DSFQ's rotations and the calibration passes: (model, handler, its state)."""
     m = copy.deepcopy(model)
     handler = QuantVGGTHandler()
     state = handler.prepare(m, config)
@@ -72,6 +71,13 @@ def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGT
         for x in calib:
             _feed(m, x)
     handler.release(m, state)  # statistics and cached inputs stay; the rotation hooks go
+    return m, handler, state
+
+
+def _folded(model: torch.nn.Module, calib: list[torch.Tensor], config: QuantVGGTConfig) -> tuple[Any, ...]:
+    """The float model after DSFQ's rotations and the (learned) smoothing folds, just before quantization, with
+    its online rotations as hooks; the handler's state; (the folded scales, the learned clipping ratios)."""
+    m, handler, state = _calibrated(model, calib, config)
     scales, clip = handler.learn_and_fold_(m, config, state)
     modules = dict(m.named_modules())
     for layer, b in state.online.items():  # the online rotation the quantized layer applies
@@ -169,6 +175,9 @@ def test_memory_bound_leaves_batches_out_with_a_warning(planted) -> None:
         ("recon_time_budget_s", math.inf),
         ("recon_max_memory_mb", 0.0),
         ("recon_quant_inputs", 1),
+        ("recon_holdout", 1.0),
+        ("recon_holdout", -0.1),
+        ("recon_holdout", True),
     ],
 )
 def test_bad_settings_are_refused(field: str, value: object) -> None:
@@ -177,9 +186,10 @@ def test_bad_settings_are_refused(field: str, value: object) -> None:
 
 
 def test_settings_round_trip_through_the_config_dict() -> None:
-    config = QuantVGGTConfig(recon_epochs=3, recon_lr=0.01, recon_time_budget_s=None, recon_seed=7)
+    config = QuantVGGTConfig(recon_epochs=3, recon_lr=0.01, recon_time_budget_s=None, recon_seed=7, recon_holdout=0.25)
     back = config_from_dict(config.to_dict())
     assert back == config and back.recon_time_budget_s is None and back.recon_epochs == 3
+    assert back.recon_settings().holdout == 0.25
     assert QuantVGGTConfig().reconstructs  # on by default with RTN weights, off with GPTQ unless asked
     assert not QuantVGGTConfig(gptq=True).reconstructs and QuantVGGTConfig(gptq=True, reconstruct=True).reconstructs
 
@@ -204,3 +214,41 @@ def test_cli_flags_become_quantvggt_options_only() -> None:
     assert isinstance(config, QuantVGGTConfig) and not config.reconstruct and config.recon_time_budget_s is None
     with pytest.raises(ValueError, match="has no option"):
         make_config("rtn", 4, 4, None, "default", False, options)
+
+
+def test_holdout_split_is_disjoint_seeded_and_falls_back_to_training_batches() -> None:
+    settings = reconstruct.ReconSettings(holdout=0.25, seed=3)
+    train, held = settings.split(8)
+    assert len(held) == 2 and len(train) == 6 and sorted(train + held) == list(range(8))
+    assert settings.split(8) == (train, held)  # the seed fixes the draw
+    assert {tuple(reconstruct.ReconSettings(holdout=0.25, seed=k).split(8)[1]) for k in range(6)} != {tuple(held)}
+    assert reconstruct.ReconSettings(holdout=0.25).split(3) == ([0, 1, 2], [0, 1, 2])  # floor(0.75): none held out
+    assert reconstruct.ReconSettings().split(4) == ([0, 1, 2, 3], [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="leaves no training batch"):
+        reconstruct.ReconSettings(holdout=1.0).split(4)
+
+
+def test_blocks_train_without_the_held_out_batch_and_are_judged_on_it(planted) -> None:
+    """One of four batches held out: the first block runs backward passes on the three others only (the held-out
+    one is run without gradients: the acceptance passes), epochs x 3 steps per block."""
+    model, calib, held_out = planted
+    batches = [*calib, held_out]
+    config = _config(recon_epochs=2, recon_holdout=0.25)
+    train, held = config.recon_settings().split(len(batches))
+    assert len(held) == 1 and len(train) == 3
+    m, handler, state = _calibrated(model, batches, config)
+    ptrs = [x.data_ptr() for x in state.blocks.inputs]  # the first block's input of each batch, in order
+    first = state.blocks.blocks[state.blocks.order[0]]
+    calls: list[tuple[bool, int]] = []
+    hook = first.register_forward_pre_hook(
+        lambda mod, args: calls.append((torch.is_grad_enabled(), args[0].data_ptr()))
+    )
+    try:
+        handler.learn_and_fold_(m, config, state)
+    finally:
+        hook.remove()
+    trained = {ptrs.index(p) for grad, p in calls if grad}
+    judged = {ptrs.index(p) for grad, p in calls if not grad}
+    assert trained == set(train) and judged == set(range(4)), (trained, judged)  # outputs of all feed block 1
+    report = state.recon
+    assert report is not None and all(b.steps == 2 * 3 for b in report.blocks), [b.steps for b in report.blocks]
