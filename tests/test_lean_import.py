@@ -1,4 +1,5 @@
-"""Core modules import with torch and numpy only, and never touch CUDA."""
+"""Core modules import with torch and numpy only (the GPU machine has no pydantic, prefect, mlflow, dvc ...), and never
+touch CUDA."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 CODE = """
 import json, sys
 import qvggt, qvggt.model, qvggt.geometry.pose_encoding, qvggt.model.memory, qvggt.model.init
-import qvggt.engine, qvggt.kernels.gemm, qvggt.bench.run, qvggt.bench.model_bench
+import qvggt.engine, qvggt.kernels.gemm, qvggt.bench.run, qvggt.bench.model_bench, qvggt.cli
+import qvggt.quant.api, qvggt.quant.export, qvggt.quant.dsfq
 import torch
-heavy = [m for m in ("prefect", "mlflow", "dvc", "boto3", "sklearn", "matplotlib") if m in sys.modules]
+heavy = [m for m in ("prefect", "mlflow", "dvc", "boto3", "sklearn", "matplotlib", "pydantic") if m in sys.modules]
 print(json.dumps({"heavy": heavy, "cuda_initialized": torch.cuda.is_initialized()}))
 """
 

@@ -128,10 +128,10 @@ def read_config(path: str | Path) -> VGGTConfig | None:
         except Exception as exc:  # truncated or not a safetensors file
             raise CheckpointError(f"could not read checkpoint {path}: {exc} (is the file complete?)") from exc
         if CONFIG_METADATA_KEY in meta:
-            return VGGTConfig.model_validate_json(meta[CONFIG_METADATA_KEY])
+            return VGGTConfig.from_json(meta[CONFIG_METADATA_KEY])
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        return VGGTConfig.model_validate_json(sidecar.read_text())
+        return VGGTConfig.from_json(sidecar.read_text())
     return None
 
 
@@ -182,9 +182,9 @@ def save_checkpoint(model: VGGT, path: str | Path, dtype: torch.dtype | None = N
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
         tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-    cfg_json = model.cfg.model_dump_json()
+    cfg_json = model.cfg.to_json()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={CONFIG_METADATA_KEY: cfg_json})
     with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(model.cfg.model_dump_json(indent=2))
+        tmp.write_text(model.cfg.to_json(indent=2))
     return path

@@ -37,12 +37,10 @@ class PatchMatcher(nn.Module):
     def __init__(self, cfg: VGGTConfig) -> None:
         super().__init__()
         depth = cfg.matcher_depth
-        sub = cfg.model_copy(
-            update={
-                "depth": depth,
-                "intermediate_layer_idx": tuple(min(i, depth - 1) for i in cfg.intermediate_layer_idx),
-                "correspondence_tokens": False,
-            }
+        sub = cfg.replace(
+            depth=depth,
+            intermediate_layer_idx=tuple(min(i, depth - 1) for i in cfg.intermediate_layer_idx),
+            correspondence_tokens=False,
         )
         self.backbone = Aggregator(sub)
         self.proj = nn.Linear(sub.head_dim_in, cfg.matcher_dim)

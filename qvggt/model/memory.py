@@ -100,7 +100,7 @@ def estimate_peak_memory(
 
     dtype: the dtype weights and activations are held in (float32, or bfloat16 for a pure-bf16 model).
     """
-    model = build_model(cfg.model_copy(update={"enable_track": False}), "meta").to(dtype).eval()
+    model = build_model(cfg.replace(enable_track=False), "meta").to(dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     images = torch.empty(1, frames, 3, height, width, device="meta", dtype=dtype)
     counter = _LiveBytes()

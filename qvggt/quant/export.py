@@ -56,7 +56,7 @@ def save_quantized(
         "version": FORMAT_VERSION,
         "method": type(config).__name__,
         "quant_config": config.to_dict(),
-        "model_config": model.cfg.model_dump(mode="json"),
+        "model_config": model.cfg.to_dict(),
         "base_sha256": base_sha256,
         "calibration": {"sample_ids": list(calibration_ids), "manifest_sha256": calibration_manifest_sha256},
         "qvggt_version": qvggt.__version__,
@@ -110,7 +110,7 @@ def structure_config(config: QuantConfig) -> RTNConfig:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT:
     """Rebuild a quantized model from ``save_quantized``'s file; it runs the torch reference path on any device."""
     manifest = read_manifest(path)
-    cfg = VGGTConfig.model_validate(manifest["model_config"])
+    cfg = VGGTConfig.from_dict(manifest["model_config"])
     config = config_from_dict(manifest["quant_config"])
     model = build_model(cfg, "meta")
     quantize_(model, structure_config(config))

@@ -36,8 +36,9 @@ After training, a block keeps the learned parameters only if they lower its loss
 block did not train on (a fraction of them, drawn once by the seed and the same for every block): the learned
 clipping is one ratio per weight scale group, enough parameters to fit 6-8 calibration scenes and lose on others
 (measured: docs/QUANTIZATION.md, "Held-out acceptance"). Without it the test runs on the training batches, and
-reconstruction never makes a block worse on the data it saw. The caller folds the learned s where DSFQ folds it (``SmoothTarget.fold_``) and bakes the ratios
-into the weight scales (``QuantLinear.from_float(..., clip_ratio=ratio)``): the checkpoint format is unchanged.
+reconstruction never makes a block worse on the data it saw. The caller folds the learned s where DSFQ folds it
+(``SmoothTarget.fold_``) and bakes the ratios into the weight scales (``QuantLinear.from_float(..., clip_ratio=
+ratio)``): the checkpoint format is unchanged.
 
 Memory: calibration caches only the first block's inputs (and, per block, its RoPE positions, views of one
 tensor); reconstruction then holds for one block at a time its float inputs (replaced by its float outputs),

@@ -157,13 +157,11 @@ def init_model(cfg: TrainConfig) -> VGGT:
     correspondence matcher when asked), seeded by ``cfg.seed``; the same weights on every call."""
     torch.manual_seed(cfg.seed)
     preset = get_preset(cfg.preset)
-    model_cfg = preset.model_copy(
-        update={
-            "enable_track": False,
-            "default_image_hw": (cfg.image_size, cfg.image_size),
-            "img_size": cfg.image_size,
-            "correspondence_tokens": cfg.correspondence_tokens,
-        }
+    model_cfg = preset.replace(
+        enable_track=False,
+        default_image_hw=(cfg.image_size, cfg.image_size),
+        img_size=cfg.image_size,
+        correspondence_tokens=cfg.correspondence_tokens,
     )
     model = build_model(model_cfg)
     if cfg.token_init_std is not None:

@@ -91,10 +91,10 @@ class Sub:  # a cache view with fixed frames for evaluation
 
 
 torch.manual_seed(0)
-cfg = get_preset("small").model_copy(update={"enable_track": False, "default_image_hw": (126, 126), "img_size": 126,
+cfg = get_preset("small").replace(**{"enable_track": False, "default_image_hw": (126, 126), "img_size": 126,
                                              "enable_depth": bool(a.dense), "enable_point": bool(a.dense)})
 if a.init_values is not None:
-    cfg = cfg.model_copy(update={"init_values": a.init_values})
+    cfg = cfg.replace(**{"init_values": a.init_values})
 model = build_model(cfg)
 if a.init:
     from qvggt.model import load_vggt

@@ -52,10 +52,10 @@ def errs(model, cache, idx, frames, const=None):
 
 def load_scratch(path, dense, init_values=None):
     torch.manual_seed(0)
-    cfg = get_preset("small").model_copy(update={"enable_track": False, "default_image_hw": (126, 126), "img_size": 126,
+    cfg = get_preset("small").replace(**{"enable_track": False, "default_image_hw": (126, 126), "img_size": 126,
                                                  "enable_depth": dense, "enable_point": dense})
     if init_values is not None:
-        cfg = cfg.model_copy(update={"init_values": init_values})
+        cfg = cfg.replace(**{"init_values": init_values})
     m = build_model(cfg)
     m.load_state_dict(torch.load(path, weights_only=True))
     return m.eval()

@@ -122,7 +122,7 @@ def test_build_engine_runs_a_quantized_model_on_cpu_twins() -> None:
 
 
 def test_build_engine_fuses_a_correspondence_matcher_too() -> None:
-    cfg = get_preset("tiny").model_copy(update={"correspondence_tokens": True, "matcher_depth": 2})
+    cfg = get_preset("tiny").replace(correspondence_tokens=True, matcher_depth=2)
     model = fill_name_seeded_(build_model(cfg)).eval()
     images = torch.rand(1, 3, 3, 42, 42)
     with torch.no_grad():

@@ -12,9 +12,7 @@ from qvggt.model import build_model, get_preset, load_vggt, save_checkpoint
 from qvggt.model.checkpoint import CheckpointError
 from qvggt.model.correspondence import match_offsets, match_to_first_frame
 
-TINY_CORR = get_preset("tiny").model_copy(
-    update={"correspondence_tokens": True, "matcher_depth": 2, "enable_track": False}
-)
+TINY_CORR = get_preset("tiny").replace(correspondence_tokens=True, matcher_depth=2, enable_track=False)
 
 
 def test_matches_recover_a_permutation_of_frame_zero() -> None:
@@ -82,12 +80,10 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
     # A plain checkpoint under a correspondence config: the matcher's tensors are missing, and the error says so.
     plain = save_checkpoint(build_model(get_preset("tiny")), tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="correspondence"):
-        load_vggt(plain, preset=get_preset("tiny").model_copy(update={"correspondence_tokens": True}))
+        load_vggt(plain, preset=get_preset("tiny").replace(correspondence_tokens=True))
     # VGGT-1B has no matcher: the option is refused before any weight is read.
     with pytest.raises(ValueError, match="vggt-1b has no correspondence tokens"):
-        load_vggt(
-            tmp_path / "absent.pt", preset=get_preset("vggt-1b").model_copy(update={"correspondence_tokens": True})
-        )
+        load_vggt(tmp_path / "absent.pt", preset=get_preset("vggt-1b").replace(correspondence_tokens=True))
 
 
 def test_patch_offsets_of_the_wrong_shape_are_refused() -> None:

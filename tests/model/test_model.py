@@ -93,7 +93,7 @@ def test_bfloat16_autocast_path_is_close_to_fp32(tiny) -> None:
 
 
 def test_gradients_reach_every_used_parameter() -> None:
-    model = build_model(get_preset("tiny").model_copy(update={"enable_track": False}))
+    model = build_model(get_preset("tiny").replace(enable_track=False))
     model.train()
     out = model(_images(S=2, H=28, W=42))
     loss = out["depth"].mean() + out["world_points"].mean() + out["pose_enc"].mean()
@@ -128,5 +128,33 @@ def test_config_validation_names_the_problem() -> None:
         VGGTConfig(depth=4, intermediate_layer_idx=(1, 2, 3, 4))
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
-    with pytest.raises(ValueError):
-        VGGTConfig(not_a_field=1)
+    with pytest.raises(TypeError, match="not_a_field"):
+        VGGTConfig(not_a_field=1)  # type: ignore[call-arg]
+    for kwargs, match in (
+        ({"depth": 0}, r"VGGTConfig.depth must be > 0"),
+        ({"depth": True}, r"VGGTConfig.depth must be an int"),
+        ({"num_register_tokens": -1}, r"VGGTConfig.num_register_tokens must be >= 0"),
+        ({"mlp_ratio": float("nan")}, r"VGGTConfig.mlp_ratio must be a finite number"),
+        ({"patch_embed": "vit"}, r"VGGTConfig.patch_embed must be one of \['dinov2', 'conv'\]"),
+        ({"default_image_hw": (392,)}, r"VGGTConfig.default_image_hw must be a sequence of 2 ints"),
+        ({"qk_norm": 1}, r"VGGTConfig.qk_norm must be a bool"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            VGGTConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown VGGT config field\(s\) \['not_a_field'\]"):
+        VGGTConfig.from_dict({"not_a_field": 1})
+    with pytest.raises(ValueError, match="unknown VGGT config field"):
+        get_preset("tiny").replace(dept=3)
+    with pytest.raises(ValueError, match="divisible by num_heads"):  # a copy is validated too
+        get_preset("tiny").replace(num_heads=3)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        VGGTConfig.from_json("{depth: 4")
+
+
+def test_config_json_round_trip_widens_ints_and_lists() -> None:
+    cfg = get_preset("small")
+    assert VGGTConfig.from_json(cfg.to_json()) == cfg == VGGTConfig.from_json(cfg.to_json(indent=2))
+    assert cfg.to_dict()["default_image_hw"] == [126, 126]  # JSON types
+    odd = VGGTConfig.from_dict({**cfg.to_dict(), "mlp_ratio": 4})  # an int where a float is due: widened
+    assert odd == cfg and isinstance(odd.mlp_ratio, float) and isinstance(odd.default_image_hw, tuple)
+    assert cfg.replace(depth=4, intermediate_layer_idx=(0, 1, 2, 3)).depth == 4 and cfg.depth == 8  # frozen original

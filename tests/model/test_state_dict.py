@@ -19,6 +19,6 @@ def test_vggt_1b_names_and_shapes_match_release() -> None:
 
 
 def test_without_track_head_parameter_count() -> None:
-    cfg = get_preset("vggt-1b").model_copy(update={"enable_track": False})
+    cfg = get_preset("vggt-1b").replace(enable_track=False)
     model = build_model(cfg, "meta")
     assert sum(p.numel() for p in model.parameters()) == 1_190_596_120

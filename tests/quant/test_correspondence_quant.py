@@ -17,9 +17,7 @@ from qvggt.quant.linear import QuantLinear
 @pytest.mark.parametrize(("method", "wbits", "abits"), [("rtn", 8, 8), ("quantvggt", 4, 8)])
 def test_matcher_stays_float_and_the_quantized_model_runs(tmp_path: Path, method: str, wbits: int, abits: int) -> None:
     torch.manual_seed(0)
-    cfg = get_preset("tiny").model_copy(
-        update={"correspondence_tokens": True, "matcher_depth": 2, "enable_track": False}
-    )
+    cfg = get_preset("tiny").replace(correspondence_tokens=True, matcher_depth=2, enable_track=False)
     base = save_checkpoint(build_model(cfg).eval(), tmp_path / "base.safetensors")
     result = run_quantize(method, wbits, abits, tmp_path / "q", base, calib_scenes=2, calib_frames=3)
     fp, q = load_vggt(base), load_quantized(result.path)

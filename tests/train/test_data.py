@@ -59,9 +59,7 @@ def test_gt_depth_unprojects_to_the_gt_points_in_frame0_coordinates() -> None:
 
 def test_camera_loss_reaches_the_camera_token_and_head() -> None:
     torch.manual_seed(0)
-    cfg = get_preset("tiny").model_copy(
-        update={"enable_track": False, "img_size": SIZE, "default_image_hw": (SIZE, SIZE)}
-    )
+    cfg = get_preset("tiny").replace(enable_track=False, img_size=SIZE, default_image_hw=(SIZE, SIZE))
     model = build_model(cfg).train()
     model.aggregator.gradient_checkpointing = False
     b = _batch([0, 1], 2)
