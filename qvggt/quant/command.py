@@ -7,16 +7,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qvggt.config import DataConfig
 from qvggt.io import sha256_file
 from qvggt.model import load_vggt
 from qvggt.quant.api import QuantSummary, needs_calibration, quantization_summary, quantize_
 from qvggt.quant.config import Coverage, QuantConfig, RTNConfig, weight_activation_formats
 from qvggt.quant.export import save_quantized
+
+if TYPE_CHECKING:  # the params config needs pydantic, which the GPU machine lacks: imported where data is drawn
+    from qvggt.config import DataConfig
 
 METHODS = ("rtn", "smoothquant", "quarot", "gptq", "quantvggt")
 
@@ -182,11 +184,14 @@ def run_quantize(
     ids: list[str] = []
     manifest_sha: str | None = None
     if needs_calibration(config):
+        if data is None:
+            from qvggt.config import DataConfig
+
+            data = DataConfig()
         if calib_manifest is not None:
-            batches, ids, manifest_sha = manifest_calibration(calib_manifest, data or DataConfig())
+            batches, ids, manifest_sha = manifest_calibration(calib_manifest, data)
         else:
-            hw = model.cfg.default_image_hw
-            batches, ids = calibration_batches(data or DataConfig(), calib_scenes, calib_frames, hw)
+            batches, ids = calibration_batches(data, calib_scenes, calib_frames, model.cfg.default_image_hw)
     quantize_(model, config, calibration_data=[b.to(dev) for b in batches] or None)
     path = save_quantized(
         model,
