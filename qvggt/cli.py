@@ -436,23 +436,39 @@ def bench(
     ] = Path("models/small/model.safetensors"),
     retention_scenes: int = 8,
     seed: int = 0,
+    order: Annotated[
+        str,
+        typer.Option(help="'priority': the 32-frame headline and 100-frame memory first; 'config': config by config."),
+    ] = "priority",
+    retention_only: Annotated[
+        bool,
+        typer.Option("--retention-only", help="Only add the retention section to the bench.json already in --out."),
+    ] = False,
+    retention_skipped: Annotated[
+        str | None, typer.Option(metavar="REASON", help="Record the retention section as skipped, with this reason.")
+    ] = None,
 ) -> None:
     """Benchmark the published path, the bf16 fused engine and each quantized config (latency, memory, fidelity)."""
     import sys
 
     from qvggt.bench.configs import parse_configs
-    from qvggt.bench.run import run_bench
+    from qvggt.bench.run import add_retention, run_bench
 
     try:
         frame_list = [int(f) for f in frames.split(",") if f.strip()]
         if retention_checkpoint is not None and str(retention_checkpoint) in ("", "."):
             retention_checkpoint = None
+        if retention_only or retention_skipped is not None:
+            add_retention(
+                out, retention_checkpoint, parse_configs(configs), retention_scenes, retention_skipped, typer.echo
+            )
+            return
         if retention_checkpoint is not None and not retention_checkpoint.is_file():
             raise ValueError(f"retention checkpoint not found: {retention_checkpoint} (pass '' to skip that section)")
         doc = run_bench(
             out, parse_configs(configs), frame_list, height, width, preset, kernels,
             retention_checkpoint=retention_checkpoint, retention_scenes=retention_scenes, seed=seed,
-            command="qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo,
+            command="qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo, order=order,
         )  # fmt: skip
     except ValueError as exc:
         _fail(exc)

@@ -6,9 +6,12 @@
 #
 #   OUT=$OUT bash scripts/gpu_quantize_1b.sh
 #
-# Same environment as gpu_check.sh (pydantic and typer from .whl/ when missing). Writes $OUT/quantize_1b.log.
+# Same environment as gpu_check.sh (pydantic and typer from .whl/ when missing). $OUT gets 2 flat files:
+# quantize_1b.log and quantize_1b.tar.gz (the quantize output folder, written under WORK outside $OUT, without its
+# checkpoint weights: the device tool returns few files and the quantized vggt-1b is large).
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
+WORK=${WORK:-/tmp/qvggt_quantize_1b}
 METHOD=${METHOD:-quantvggt}
 TIMEOUT=${TIMEOUT:-420}
 PRESET=${PRESET:-vggt-1b}  # PRESET=tiny DEVICE=cpu: a dry run of the script itself on any machine
@@ -34,6 +37,11 @@ model = fill_name_seeded_(build_model(get_preset(sys.argv[2]), device="meta"))
 save_checkpoint(model, sys.argv[1], dtype=torch.float16)
 PYEOF
 fi
+rm -rf "$WORK/quantize_1b"
+mkdir -p "$WORK"
 timeout "$TIMEOUT" "$PY" -m qvggt.cli quantize --model "$CKPT" --method "$METHOD" --wbits 4 --abits 4 \
-    --device "$DEVICE" --out "$OUT/quantize_1b" 2>&1 | tee "$OUT/quantize_1b.log"
-exit "${PIPESTATUS[0]}"
+    --device "$DEVICE" --out "$WORK/quantize_1b" 2>&1 | tee "$OUT/quantize_1b.log"
+rc=${PIPESTATUS[0]}
+[ -d "$WORK/quantize_1b" ] && tar -czf "$OUT/quantize_1b.tar.gz" --exclude='*.safetensors' --exclude='*.pt' \
+    --exclude='*.pth' --exclude='*.npz' -C "$WORK" quantize_1b
+exit "$rc"

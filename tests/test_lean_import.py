@@ -57,7 +57,7 @@ import sys
 class _Absent:  # the packages the GPU machine does not have
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"pydantic", "pydantic_core", "prefect", "mlflow", "dvc", "boto3", "moto", "plyfile"}:
-            raise ImportError(f"{name} is absent on the GPU machine")
+            raise ModuleNotFoundError(f"{name} is absent on the GPU machine", name=name)
 
 sys.meta_path.insert(0, _Absent())
 """

@@ -1,7 +1,9 @@
 """Per-kernel timings at VGGT's shapes against measured rooflines (CUDA only).
 
 Ceilings are measured in the same run: a large bf16 matrix product (TFLOP/s) and a device-to-device copy (GB/s,
-bytes read + written). Each GEMM variant runs at the aggregator's four Linear shapes with M tokens; LayerNorm ->
+bytes read + written). Each GEMM variant runs at the aggregator's four Linear shapes with M tokens and the engine's
+epilogue of that Linear (qkv: bias; proj and fc2: bias, LayerScale and residual add; fc1: bias and GELU, plus a
+variant that also quantizes its output for fc2, as the quantized engine does); LayerNorm ->
 quantization is compared with ``F.layer_norm`` and judged by bytes moved. Medians by ``triton.testing.do_bench``.
 """
 
@@ -51,7 +53,11 @@ def _bench_shape(name: str, tokens: int, k: int, n: int, gen: torch.Generator) -
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
     gamma = torch.rand(n, device="cuda", dtype=torch.bfloat16, generator=gen)
-    res = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=gen) if n == k else None
+    # Epilogues as the engine runs them (qvggt.engine.block): proj and fc2 add LayerScale * out to the residual
+    # stream, fc1 applies GELU, qkv only adds its bias.
+    res = (
+        torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=gen) if name in ("proj", "fc2") else None
+    )
     gelu = name == "fc1"
     qf8, sf8 = token_quant_ref(x, "fp8_e4m3")
     wf8, swf8 = token_quant_ref(w, "fp8_e4m3")
@@ -84,6 +90,11 @@ def _bench_shape(name: str, tokens: int, k: int, n: int, gen: torch.Generator) -
         "triton w4a8-fp8 fused": lambda: scaled_gemm(qf8, w4p, a_scale=sf8, w_scale=sw4, w_int4_k=k, **epi),
         "triton w4a8-int8 fused": lambda: scaled_gemm(qi8, w4p, a_scale=si8, w_scale=sw4, w_int4_k=k, **epi),
     }
+    if name == "fc1":
+        # The engine's quantized fc1 also quantizes its GELU output per (token, 128 columns) for fc2 in the epilogue.
+        variants["triton fp8 fused + fp8 out quant (engine fc1)"] = lambda: scaled_gemm(
+            qf8, wf8, a_scale=sf8, w_scale=swf8, out_quant="fp8_e4m3", **epi
+        )
     if hasattr(torch, "_scaled_mm"):
         wf8_t = wf8.T  # column-major B, as _scaled_mm wants
         variants["torch _scaled_mm fp8 rowwise"] = lambda: torch._scaled_mm(

@@ -4,6 +4,13 @@ On CUDA: median of CUDA-event timings after warm-up, peak memory by ``torch.cuda
 included), one fresh model per configuration so peaks do not mix. Fidelity: relative L2 error of depth, world points
 and pose encoding against the fp32 model on the same inputs (at ``fidelity_frames``). Without CUDA the same code
 times the CPU reference path (twins) with wall-clock time and says so.
+
+What runs, in which order, is a plan: a list of (config, frame counts) steps, one model build per step
+(``config_major_plan``: each config once, all its frame counts; ``qvggt.bench.run`` puts the headline measurements
+first). A config met again in a later step is rebuilt; its fidelity is measured once (``fidelity_cache``).
+Engine configs also record what their CUDA-graph cache did during each measurement (``ModelResult.graphs``:
+captures, replays, eager calls and the reason of every eagerly run input shape), so a silent fallback to eager
+launches shows in the results instead of only in a log line.
 """
 
 from __future__ import annotations
@@ -23,7 +30,18 @@ from qvggt.bench.configs import BenchConfig, build_config_model
 from qvggt.engine import Engine, kernel_call_counts, reset_kernel_call_counts
 from qvggt.model.vggt import VGGT
 
-__all__ = ["ModelResult", "bench_models", "forward_fn"]
+__all__ = [
+    "FidelityReference",
+    "ModelResult",
+    "Plan",
+    "bench_models",
+    "config_major_plan",
+    "fidelity_reference",
+    "forward_fn",
+    "graph_mode",
+]
+
+Plan = list[tuple[BenchConfig, list[int]]]  # (config, frame counts) steps, in order
 
 
 @dataclass
@@ -42,7 +60,18 @@ class ModelResult:
     weight_gb: float | None = None
     fidelity: dict[str, float] | None = None
     kernels: dict[str, dict[str, int]] | None = None
+    # Engine configs: the CUDA-graph cache during this measurement (captures / replays / eager calls / evictions)
+    # and "fallbacks": every input shape of this model that ran eagerly so far -> why (None for published).
+    graphs: dict | None = None
     error: str | None = None
+
+
+@dataclass
+class FidelityReference:
+    """The fp32 model's outputs on the fidelity images, computed once and shared by every config."""
+
+    images: Tensor
+    outputs: dict[str, Tensor]
 
 
 def forward_fn(model: VGGT | Engine) -> Callable[[Tensor], dict]:
@@ -103,6 +132,26 @@ def _iters_for(frames: int, device: torch.device) -> tuple[int, int]:
     return (2, 10) if frames <= 8 else ((1, 5) if frames <= 32 else (1, 3))
 
 
+def config_major_plan(configs: list[BenchConfig], frames: list[int]) -> Plan:
+    """Each config once, with every frame count (one model build per config)."""
+    return [(c, list(frames)) for c in configs]
+
+
+def fidelity_reference(
+    master: VGGT, frames: int, height: int, width: int, device: torch.device, seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> FidelityReference:  # fmt: skip
+    """The fp32 model's outputs on ``frames`` seeded images (on the CPU), the fidelity reference of every config."""
+    log(f"fp32 reference at {frames} frames for fidelity")
+    ref_model = build_config_model(master, BenchConfig("fp32", False), device)
+    images = _images(frames, height, width, device, seed)
+    with torch.inference_mode():
+        ref = {k: v.float().cpu() for k, v in ref_model(images).items() if isinstance(v, Tensor)}
+    del ref_model
+    _free(device)
+    return FidelityReference(images, ref)
+
+
 def bench_models(
     master: VGGT,
     configs: list[BenchConfig],
@@ -114,48 +163,81 @@ def bench_models(
     seed: int = 0,
     log: Callable[[str], None] = print,
     jsonl: Path | None = None,
+    *,
+    plan: Plan | None = None,
+    reference: FidelityReference | None = None,
+    fidelity_cache: dict[str, dict[str, float] | None] | None = None,
 ) -> Iterator[ModelResult]:
     """Benchmark each config at each frame count; yields results as they come (and appends them to ``jsonl``).
 
-    ``master`` is a float32 model on the CPU; each config gets its own device copy, freed before the next.
-    """
-    log(f"fp32 reference at {fidelity_frames} frames for fidelity")
-    ref_model = build_config_model(master, BenchConfig("fp32", False), device)
-    fid_images = _images(fidelity_frames, height, width, device, seed)
-    with torch.inference_mode():
-        ref = {k: v.float().cpu() for k, v in ref_model(fid_images).items() if isinstance(v, Tensor)}
-    del ref_model
-    _free(device)
+    ``master`` is a float32 model on the CPU; each step of the plan gets its own device copy, freed before the next.
 
-    for config in configs:
-        log(f"building {config.name}")
+    Args:
+        plan: (config, frame counts) steps in order; default ``config_major_plan(configs, frames)``.
+        reference: the fp32 outputs for fidelity (``fidelity_reference``); computed here at ``fidelity_frames``
+            when None.
+        fidelity_cache: config name -> fidelity, filled here; a config already in it skips its fidelity run
+            (pass the same dict to several calls whose plans rebuild a config).
+    """
+    plan = config_major_plan(configs, frames) if plan is None else plan
+    if not plan:
+        return
+    if reference is None:
+        reference = fidelity_reference(master, fidelity_frames, height, width, device, seed, log)
+    cache: dict[str, dict[str, float] | None] = {} if fidelity_cache is None else fidelity_cache
+
+    for config, step_frames in plan:
+        if not step_frames:
+            continue
+        log(f"building {config.name} (frames {', '.join(map(str, step_frames))})")
         try:
             model = build_config_model(master, config, device)
         except Exception as exc:  # noqa: BLE001  (one config failing must not lose the others' numbers)
-            for n in frames:
+            for n in step_frames:
                 yield _emit(ModelResult(config.name, n, height, width, str(device), error=repr(exc)), jsonl, log)
+            _free(device)
             continue
         fn = forward_fn(model)
         weight_gb = _weight_bytes(model) / 1e9
-        fidelity = None
-        try:
-            with torch.inference_mode():
-                pred = fn(fid_images)
-            fidelity = _fidelity(pred, ref)
-        except Exception as exc:  # noqa: BLE001
-            log(f"{config.name}: fidelity run failed: {exc!r}")
-        for n in frames:
+        if config.name not in cache:
+            cache[config.name] = None
+            try:
+                with torch.inference_mode():
+                    pred = fn(reference.images)
+                cache[config.name] = _fidelity(pred, reference.outputs)
+                del pred
+            except Exception as exc:  # noqa: BLE001
+                log(f"{config.name}: fidelity run failed: {exc!r}")
+        fidelity = cache[config.name]
+        for n in step_frames:
             res = ModelResult(config.name, n, height, width, str(device), weight_gb=weight_gb, fidelity=fidelity)
-            _measure(res, fn, _images(n, height, width, device, seed + n), device)
+            _measure(res, fn, _images(n, height, width, device, seed + n), device, model)
             _free(device)
             yield _emit(res, jsonl, log)
         del model, fn
         _free(device)
 
 
-def _measure(res: ModelResult, fn: Callable[[Tensor], dict], images: Tensor, device: torch.device) -> None:
-    """Fill ``res`` with timings, peak memory and kernel counts of ``fn(images)``; failures go to ``res.error``."""
+def _graph_stats(model: object) -> dict | None:
+    return model.graph_stats().as_dict() if isinstance(model, Engine) else None
+
+
+def _graph_delta(before: dict | None, after: dict | None) -> dict | None:
+    """Counts during one measurement (after - before) and every fallback reason recorded so far."""
+    if before is None or after is None:
+        return None
+    out = {k: after[k] - before[k] for k in ("captures", "replays", "eager", "evictions")}
+    out["fallbacks"] = after["fallbacks"]
+    return out
+
+
+def _measure(
+    res: ModelResult, fn: Callable[[Tensor], dict], images: Tensor, device: torch.device, model: object = None
+) -> None:
+    """Fill ``res`` with timings, peak memory, kernel counts and (engines) CUDA-graph counts of ``fn(images)``;
+    failures go to ``res.error``."""
     warmup, iters = _iters_for(res.frames, device)
+    before = _graph_stats(model)
     try:
         reset_kernel_call_counts()
         if device.type == "cuda":
@@ -171,6 +253,7 @@ def _measure(res: ModelResult, fn: Callable[[Tensor], dict], images: Tensor, dev
         res.error = f"out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # noqa: BLE001  (one failing size must not lose the others' numbers)
         res.error = repr(exc)
+    res.graphs = _graph_delta(before, _graph_stats(model))
 
 
 def _emit(res: ModelResult, jsonl: Path | None, log: Callable[[str], None]) -> ModelResult:
@@ -178,11 +261,21 @@ def _emit(res: ModelResult, jsonl: Path | None, log: Callable[[str], None]) -> M
         log(f"{res.config:>16} {res.frames:>4} frames: FAILED {res.error[:200]}")
     else:
         log(f"{res.config:>16} {res.frames:>4} frames: {res.median_ms:9.1f} ms  {res.frames_per_s:7.1f} fr/s  "
-            f"peak {res.peak_gb or 0:6.2f} GB  weights {res.weight_gb:5.2f} GB")  # fmt: skip
+            f"peak {res.peak_gb or 0:6.2f} GB  weights {res.weight_gb:5.2f} GB  {graph_mode(res.graphs)}")  # fmt: skip
     if jsonl is not None:
         with open(jsonl, "a") as f:  # append-only log: partial results survive a killed run
             f.write(json.dumps(asdict(res)) + "\n")
     return res
+
+
+def graph_mode(graphs: dict | None) -> str:
+    """How a measurement launched its kernels: "graph" (replays, no eager call), "eager" (any eager call: see the
+    fallback reasons), or "-" (no engine, or nothing ran)."""
+    if not graphs:
+        return "-"
+    if graphs.get("eager"):
+        return "eager"
+    return "graph" if graphs.get("replays") else "-"
 
 
 def _free(device: torch.device) -> None:

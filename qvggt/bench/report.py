@@ -9,32 +9,60 @@ def _f(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _graph_cell(graphs: dict | None) -> str:
+    """The CUDA-graph column: "graph" (replayed, no eager call), "eager" (see the fallback notes), "-" (no engine)."""
+    if not graphs:
+        return "-"
+    if graphs.get("eager"):
+        return f"eager ({graphs['eager']} calls)"
+    if graphs.get("replays"):
+        return f"graph ({graphs.get('captures', 0)} captured, {graphs['replays']} replays)"
+    return "-"
+
+
 def _model_table(doc: dict) -> list[str]:
     models = doc.get("models") or []
     if not models:
         return []
     base = {(r["frames"]): r for r in models if r["config"] == "published" and r.get("median_ms")}
+    # Rows are measured in priority order (qvggt.bench.run); shown config by config, frames ascending.
+    first_seen: dict[str, int] = {}
+    for r in models:
+        first_seen.setdefault(r["config"], len(first_seen))
+    rows = sorted(models, key=lambda r: (first_seen[r["config"]], r["frames"]))
     lines = [
         (
             "| config | frames | median ms | frames/s | speedup vs published | peak GB | peak vs published | weights GB "
-            "| rel L2 depth | rel L2 points | rel L2 pose |"
+            "| rel L2 depth | rel L2 points | rel L2 pose | CUDA graphs |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in models:
+    fallbacks: dict[str, dict[str, str]] = {}
+    for r in rows:
+        graphs = r.get("graphs")
+        if graphs and graphs.get("fallbacks"):
+            fallbacks.setdefault(r["config"], {}).update(graphs["fallbacks"])
         if r.get("error"):
-            lines.append(f"| {r['config']} | {r['frames']} | failed: {r['error'][:80]} | | | | | | | | |")
+            lines.append(
+                f"| {r['config']} | {r['frames']} | failed: {r['error'][:80]} | | | | | | | | | {_graph_cell(graphs)} |"
+            )
             continue
         b = base.get(r["frames"])
         speed = b["median_ms"] / r["median_ms"] if b else None
         mem = r["peak_gb"] / b["peak_gb"] if b and b.get("peak_gb") and r.get("peak_gb") else None
         fid = r.get("fidelity") or {}
+        speed_cell = "-" if speed is None else f"{speed:.2f}x"
         lines.append(
             f"| {r['config']} | {r['frames']} | {_f(r['median_ms'])} | {_f(r['frames_per_s'])} | "
-            f"{_f(speed, '.2f')}x | {_f(r.get('peak_gb'), '.2f')} | {_f(mem, '.2f')} | {_f(r.get('weight_gb'), '.2f')} "
+            f"{speed_cell} | {_f(r.get('peak_gb'), '.2f')} | {_f(mem, '.2f')} | {_f(r.get('weight_gb'), '.2f')} "
             f"| {_f(fid.get('rel_l2_depth'), '.2e')} | {_f(fid.get('rel_l2_world_points'), '.2e')} "
-            f"| {_f(fid.get('rel_l2_pose_enc'), '.2e')} |"
+            f"| {_f(fid.get('rel_l2_pose_enc'), '.2e')} | {_graph_cell(graphs)} |"
         )
+    if fallbacks:
+        lines += ["", "CUDA graphs not used (the engine ran these input shapes eagerly):", ""]
+        for config, reasons in fallbacks.items():
+            for key, reason in reasons.items():
+                lines.append(f"- {config}, inputs {key}: {reason[:300]}")
     return lines
 
 
@@ -101,8 +129,14 @@ def render_markdown(doc: dict) -> str:
     for title, lines in (("Models", _model_table(doc)), ("GEMMs", _gemm_table(doc))):
         if lines:
             out += ["", f"## {title}", "", *lines]
+    if doc.get("fidelity_error"):
+        out += ["", f"Fidelity not measured (the fp32 reference failed): {doc['fidelity_error']}"]
+    if doc.get("kernel_error"):
+        out += ["", f"Kernel section failed: {doc['kernel_error']}"]
     if doc.get("retention"):
         out += ["", *_retention_table(doc["retention"])]
+    if doc.get("retention_error"):
+        out += ["", f"Accuracy retention section not measured: {doc['retention_error']}"]
     if doc.get("layernorm"):
         bw = (doc.get("ceilings") or {}).get("copy_gbps")
         out += ["", "## LayerNorm -> quantization", "", "| kernel | M x K | ms | GB/s | % of copy bandwidth |",

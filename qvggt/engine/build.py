@@ -96,9 +96,12 @@ class Engine(nn.Module):
         return rest + sum(b.operand_nbytes() for b in self.fused_blocks())
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        cuda = fn(torch.empty(0)).device.type == "cuda"
+        if cuda:
+            _check_fp8_attention_on_cuda(self.fused_blocks())
         out = super()._apply(fn, recurse)
         self.graphs.clear()  # captured graphs read the old tensors' addresses
-        require_kernels(fn(torch.empty(0)).device.type == "cuda")
+        require_kernels(cuda)
         return out
 
     def _run(self, images: Tensor, query_points: Tensor | None) -> dict:
@@ -119,6 +122,17 @@ class Engine(nn.Module):
         # Validated before any capture, so a bad input raises here rather than being recorded as a capture failure.
         images = self.model.check_images(images.to(torch.bfloat16))
         return self.graphs(images, query_points)
+
+
+def _check_fp8_attention_on_cuda(blocks: list[FusedBlock]) -> None:
+    """Refuse, before anything moves, an fp8-attention engine on CUDA whose head dim the compiled kernel cannot take
+    (an 8-bit dot needs K >= 32 on a GPU: the ``tiny`` preset's head dim 16 would fail to compile at the first
+    forward). On CPU the twin runs any head dim, so the same engine stays usable there."""
+    small = sorted({b.head_dim for b in blocks if b.attention == "fp8" and b.head_dim < 32})
+    if small:
+        from qvggt.kernels.attention import check_cuda_shape
+
+        check_cuda_shape(small[0])  # raises, naming the head dim and the fallback (attention="sdpa")
 
 
 def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
@@ -145,6 +159,8 @@ def build_engine(model: VGGT, options: EngineOptions | None = None) -> Engine:
             head.to(options.head_dtype)
     engine = Engine(model, options)
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        _check_fp8_attention_on_cuda(engine.fused_blocks())
     require_kernels(device.type == "cuda")
     return engine
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["CudaGraphBackend", "GraphCache", "GraphStats", "StaticBufferBackend", "graph_key"]
+__all__ = ["CudaGraphBackend", "GraphCache", "GraphStats", "StaticBufferBackend", "describe_key", "graph_key"]
 
 log = logging.getLogger("qvggt.engine")
 
@@ -48,6 +48,18 @@ GraphKey = tuple[Any, ...]
 def graph_key(args: tuple[Tensor | None, ...]) -> GraphKey:
     """The signature a graph is valid for: (shape, dtype, device) of each tensor argument, None kept as None."""
     return tuple(None if a is None else (tuple(a.shape), a.dtype, str(a.device)) for a in args)
+
+
+def describe_key(key: GraphKey) -> str:
+    """A signature as short text for reports and JSON, e.g. ``[1, 32, 3, 392, 518] bfloat16 cuda:0; None``."""
+    parts = []
+    for item in key:
+        if item is None:
+            parts.append("None")
+        else:
+            shape, dtype, device = item
+            parts.append(f"{list(shape)} {str(dtype).removeprefix('torch.')} {device}")
+    return "; ".join(parts)
 
 
 class Replay(Protocol):
@@ -156,6 +168,16 @@ class GraphStats:
     eager: int = 0
     evictions: int = 0
     fallbacks: dict[GraphKey, str] = field(default_factory=dict)  # signature -> why it runs eagerly
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready counts, with each eagerly run signature described as text (``describe_key``) -> its reason."""
+        return {
+            "captures": self.captures,
+            "replays": self.replays,
+            "eager": self.eager,
+            "evictions": self.evictions,
+            "fallbacks": {describe_key(k): reason for k, reason in self.fallbacks.items()},
+        }
 
 
 def _clone(out: Any) -> Any:

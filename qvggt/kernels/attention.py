@@ -29,6 +29,13 @@ mainly amortize per-block overhead. ``bench_attention`` can time alternative ``A
 
 Shape legend: B batch (frames for frame attention, 1 for global), H heads, N query tokens, M key tokens,
 D head dim (16, 32, 64 or 128; VGGT: 64), NB = ceil(M / BLOCK_N) key blocks, M_pad = NB * BLOCK_N.
+
+Compiled (CUDA) limits: an 8-bit ``tl.dot`` needs a reduction dim K >= 32 on NVIDIA GPUs (Triton's
+``min_dot_size``), and the kernel reduces over D (``q8 @ k8^T``) and over BLOCK_N (``P8 @ v8``). So on CUDA the head
+dim and ``block_n`` must be >= 32; ``fp8_attention`` refuses D = 16 (the ``tiny`` preset) or block_n = 16 there
+with an error naming the fallback (``attention="sdpa"`` or the twin ``fp8_attention_ref``) instead of failing to
+compile. The interpreter and the twin accept 16 (the CPU tests use it). Checked ahead of time for sm_90a by
+tests/kernels/test_fp8_attention.py (D = 16 and BLOCK_N = 16 do not compile; D = 32 does, with fp8 wgmma).
 """
 
 from __future__ import annotations
@@ -54,9 +61,11 @@ __all__ = [
     "DEFAULT_CONFIG",
     "FALLBACK_CALLS",
     "KERNEL_CALLS",
+    "MIN_CUDA_DOT_K",
     "AttentionConfig",
     "PreppedAttention",
     "bench_attention",
+    "check_cuda_shape",
     "fp8_attention",
     "fp8_attention_prep",
     "kernel_is_interpreted",
@@ -68,6 +77,8 @@ FALLBACK_CALLS: dict[str, int] = {"fp8_attention": 0}
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; a power of two for the Hadamard and the register tiles
+# Compiled for a GPU, an 8-bit tl.dot needs K >= 32 (module docstring): the head dim (q8 @ k8^T) and BLOCK_N (P8 @ v8).
+MIN_CUDA_DOT_K = 32
 _TINY = torch.finfo(torch.float32).tiny
 _FP8_MAX = 448.0
 
@@ -361,6 +372,27 @@ def _check_inputs(q: Any, k: Any, v: Any, sm_scale: float | None) -> float:
     return float(scale)
 
 
+def check_cuda_shape(head_dim: int, config: AttentionConfig = DEFAULT_CONFIG) -> None:
+    """Raise ValueError if the compiled kernel cannot be built for ``head_dim`` / ``config.block_n`` on a GPU.
+
+    An 8-bit ``tl.dot`` compiled for an NVIDIA GPU needs its reduction dim K >= 32 (Triton's ``min_dot_size``):
+    K is the head dim in ``q8 @ k8^T`` and BLOCK_N in ``P8 @ v8``. The interpreter and the twin have no such limit.
+    """
+    if head_dim < MIN_CUDA_DOT_K:
+        raise ValueError(
+            f"fp8_attention: head dim {head_dim} is too small for the compiled fp8 attention kernel on a GPU (an 8-bit "
+            f"tl.dot needs K >= {MIN_CUDA_DOT_K}; the kernel reduces over the head dim). Use attention='sdpa' "
+            "(EngineOptions / FusedBlock) for this model, or the torch twin "
+            "qvggt.kernels.attention_reference.fp8_attention_ref"
+        )
+    if config.block_n < MIN_CUDA_DOT_K:
+        raise ValueError(
+            f"fp8_attention: block_n {config.block_n} is too small for the compiled kernel on a GPU (an 8-bit tl.dot "
+            f"needs K >= {MIN_CUDA_DOT_K}; P8 @ v8 reduces over block_n): use block_n >= {MIN_CUDA_DOT_K} "
+            "(DEFAULT_CONFIG has 128)"
+        )
+
+
 def _use_kernel(q: Tensor) -> bool:
     """Kernel on CUDA (raising if triton is missing); under the interpreter for non-bf16 CPU tensors."""
     if q.is_cuda:
@@ -515,11 +547,13 @@ def fp8_attention(
 
     Raises:
         TypeError / ValueError: on non-tensors, wrong ranks, dtypes, devices, mismatched shapes, an unsupported
-            head dim, or a non-positive sm_scale.
+            head dim (on CUDA also head dim or block_n < 32: ``check_cuda_shape``), or a non-positive sm_scale.
         RuntimeError: for CUDA tensors without triton, or whatever the kernel launch raises.
     """
     scale = _check_inputs(q, k, v, sm_scale)
     cfg = DEFAULT_CONFIG if config is None else config
+    if q.is_cuda:
+        check_cuda_shape(q.shape[-1], cfg)
     if not _use_kernel(q):
         FALLBACK_CALLS["fp8_attention"] += 1
         return fp8_attention_ref(q, k, v, hadamard=hadamard, sm_scale=scale, block_n=cfg.block_n)

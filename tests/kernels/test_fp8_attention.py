@@ -258,6 +258,28 @@ def test_launcher_rejects_bad_inputs() -> None:
         att.AttentionConfig(block_n=8)
 
 
+@pytest.mark.skipif(not has_triton(), reason="the launcher module needs triton importable")
+def test_cuda_shape_limits_name_the_head_dim_and_the_fallback() -> None:
+    """Compiled for a GPU, an 8-bit tl.dot needs K >= 32: head dim 16 (tiny preset) and block_n 16 are refused there
+    with the fallback named (the AOT test below shows they do not compile for sm_90a)."""
+    for d in (32, 64, 128):
+        att.check_cuda_shape(d)
+    with pytest.raises(ValueError, match=r"head dim 16 .*attention='sdpa'.*fp8_attention_ref"):
+        att.check_cuda_shape(16)
+    with pytest.raises(ValueError, match="block_n 16"):
+        att.check_cuda_shape(64, SMALL)
+
+
+@interp
+def test_head_dim_16_still_runs_on_cpu() -> None:
+    """The CPU paths keep head dim 16 (the tiny preset): the interpreter's kernel for float32, the twin for bf16."""
+    q, k, v = _qkv(1, 2, 20, 20, d=16, seed=4)
+    out = att.fp8_attention(q, k, v, config=SMALL)
+    torch.testing.assert_close(out, fp8_attention_ref(q, k, v, block_n=16), rtol=1e-5, atol=1e-5)
+    out16 = att.fp8_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out16.shape == q.shape and torch.isfinite(out16).all()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Hopper code generation without a GPU: compile both kernels for sm_90 ahead of time (triton ships ptxas)
 
@@ -317,6 +339,53 @@ def test_kernels_compile_for_hopper_with_fp8_wgmma_and_no_spills(tmp_path) -> No
         assert reports["QUANT" + per_row]["spill_bytes"] == 0  # no spills in the prep kernel
 
 
+_AOT_LIMITS_SCRIPT = r"""
+import dataclasses, json
+from qvggt.kernels.aot import compile_for_hopper
+import qvggt.kernels.attention as A
+
+ptrs = {"q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "k_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "v_ptr": "*fp8e4nv",
+        "vs_ptr": "*fp32", "o_ptr": "*bf16"}
+ints = {n: "i32" for n in ("H", "N", "M", "M_pad", "NB", "stride_ob", "stride_oh", "stride_on")}
+out = {}
+for d, bn in ((16, 128), (32, 128), (64, 16)):
+    const = {"SOFT_ROUND": False, "D": d, "BLOCK_M": 128, "BLOCK_N": bn}
+    try:
+        r = compile_for_hopper(A._fp8_attn_fwd_kernel, {**ptrs, **ints, "qk_coef": "fp32"}, const,
+                               [*ptrs, "M_pad", "stride_ob", "stride_oh", "stride_on"], 8, 2)
+        out[f"{d},{bn}"] = dataclasses.asdict(r)
+    except Exception as exc:
+        out[f"{d},{bn}"] = type(exc).__name__
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or bundled_ptxas() is None, reason="CPU-only AOT check; needs ptxas")
+def test_head_dim_and_block_n_limits_for_hopper(tmp_path) -> None:
+    """Why ``check_cuda_shape`` refuses head dim 16 and block_n 16 on a GPU: they do not compile for sm_90a (8-bit
+    dots need K >= 32), while head dim 32 (the small model) compiles to fp8 wgmma."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    res = subprocess.run(
+        [sys.executable, "-c", _AOT_LIMITS_SCRIPT], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("JSON"))[4:])
+    assert reports["16,128"] == "CompilationError" and reports["64,16"] == "CompilationError"
+    assert "m64n32k32.f32.e4m3.e4m3" in reports["32,128"]["wgmma"] and reports["32,128"]["spill_bytes"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_refuses_head_dim_16() -> None:
+    q = torch.randn(1, 2, 40, 16, device="cuda").bfloat16()
+    with pytest.raises(ValueError, match="head dim 16"):
+        att.fp8_attention(q, q, q)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CUDA: the compiled kernel (deselected without a GPU by tests/conftest.py; run by scripts/gpu_check.sh)
 
@@ -354,12 +423,15 @@ def test_cuda_kernel_matches_twin_and_sdpa(b: int, h: int, n: int, had: bool) ->
 def test_cuda_prep_is_bit_exact(n: int) -> None:
     q, k, v = _cuda_qkv(2, 16, n, seed=n)
     p = att.fp8_attention_prep(q, k, v, hadamard=False)
-    got, want = p.logical(), fp8_attention_prep_ref(q, k, v, False, att.DEFAULT_CONFIG.block_n)
+    # The twin on CPU copies: on CUDA torch divides a tensor by a Python scalar (absmax / 448) as a multiplication
+    # by the reciprocal, 1 ulp off now and then; the kernel's div_rn is IEEE division, as the CPU's.
+    got = p.logical()
+    want = fp8_attention_prep_ref(q.cpu(), k.cpu(), v.cpu(), False, att.DEFAULT_CONFIG.block_n)
     for name in ("q8", "k8", "v8"):
         # Values, not bytes: the interpreter's fp8 cast turns -0 into +0 (same value; the GPU keeps the sign).
-        assert torch.equal(getattr(got, name).float(), getattr(want, name).float()), name
+        assert torch.equal(getattr(got, name).cpu().float(), getattr(want, name).float()), name
     for name in ("q_scale", "k_scale", "v_scale"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), name
     m = k.shape[2]
     assert not p.k8[:, :, m:].float().any() and not p.v8t[:, :, :, m:].float().any()
 

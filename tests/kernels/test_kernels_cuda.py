@@ -27,6 +27,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+# Kernel vs twin tolerances of the quantized GEMMs, per dot kind:
+# * int8 dots (int8 activations, int4 weights unpacked to int8) accumulate exactly in int32; the twin's float32
+#   matmul of the same codes is exact too (|sums| < 2^24), so only the scale multiplications' order differs: 1e-5.
+# * fp8 dots: Hopper's fp8 wgmma accumulates with a reduced (~13-14 bit) mantissa unless the kernel promotes the
+#   accumulator to fp32 every few k-steps, and Triton does not by default on sm_90 (max_num_imprecise_acc defaults
+#   to 2^30 there: never promote). That costs ~1e-3 relative L2 against the exact float32 twin at K = 1024 .. 4096
+#   (DeepSeek-V3 reports up to ~2% per element at K = 4096). The kernels keep that numerics (it is what the engine
+#   runs), so the tests allow 5e-3 rel L2 for outputs and 1e-2 relative per element for the scales derived from an
+#   fp8 GEMM's output (fc1's epilogue quantization); an indexing or scaling bug gives O(1) errors.
+INT_DOT_REL = 1e-5
+FP8_DOT_REL_L2 = 5e-3
+FP8_DOT_SCALE_RTOL = 1e-2
+
+
+def _dot_rel(kind: str) -> float:
+    """Rel L2 bound of a quantized GEMM against its float32 twin for activation kind ``kind`` (see above)."""
+    return FP8_DOT_REL_L2 if kind.startswith("fp8") else INT_DOT_REL
+
+
 @pytest.mark.parametrize("m,k,n", [(33312, 1024, 3072), (1041, 4096, 1024), (777, 1024, 4096), (5, 1024, 1024)])
 def test_bf16_gemm_with_epilogue_matches_fp32(m: int, k: int, n: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(m + n)
@@ -61,7 +80,7 @@ def test_quantized_gemm_matches_twin_at_vggt_sizes(kind: str, int4: bool, m: int
     got = gemm.scaled_gemm(a, wq, a_scale=sa, w_scale=sw, bias=bias, w_int4_k=int4_k, out_dtype=torch.float32)
     assert gemm.KERNEL_CALLS["scaled_gemm"] == calls + 1
     want = scaled_gemm_ref(a, wq, a_scale=sa, w_scale=sw, bias=bias, w_int4_k=int4_k, out_dtype=torch.float32)
-    assert _rel(got, want) < 1e-5
+    assert _rel(got, want) < _dot_rel(kind)  # int4 weights run on the activation kind's dots
 
 
 @pytest.mark.parametrize("rotate", [False, True])
@@ -80,11 +99,14 @@ def test_fc1_to_fc2_handoff_on_gpu(kind: str, rotate: bool) -> None:
     f, fs = gemm.scaled_gemm(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind, out_hadamard=rotate)
     fr, fsr = scaled_gemm_ref(a, wq1, a_scale=sa, w_scale=s1, gelu=True, out_quant=kind, out_hadamard=rotate)
     assert fs.shape == (m, hdim // 128)
-    torch.testing.assert_close(fs, fsr, rtol=1e-5, atol=0)
-    assert (f.float() != fr.float()).float().mean() < 0.01
+    # fc1's output scales come from its GEMM: exact accumulation on int8 dots, reduced-precision on fp8 ones.
+    torch.testing.assert_close(fs, fsr, rtol=FP8_DOT_SCALE_RTOL if act.startswith("fp8") else 1e-5, atol=0)
+    # Codes next to a rounding boundary flip with the output's error: rare after exact int8 dots; after fp8 dots
+    # (~1e-3 relative, e4m3 steps of 1/8 .. 1/16 relative) up to a few percent.
+    assert (f.float() != fr.float()).float().mean() < (0.05 if act.startswith("fp8") else 0.01)
     y = gemm.scaled_gemm(f, wq2, a_scale=fs, w_scale=s2, out_dtype=torch.float32)
     yr = scaled_gemm_ref(f, wq2, a_scale=fs, w_scale=s2, out_dtype=torch.float32)
-    assert _rel(y, yr) < 1e-5
+    assert _rel(y, yr) < _dot_rel(act)  # same codes in both: only fc2's accumulation differs
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "int4"])
@@ -192,14 +214,18 @@ def test_layernorm_hadamard_quant_on_gpu_matches_twin(fmt: str, k: int, b: int) 
 @pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("k,b", [(4096, 4096), (1024, 1024), (4096, 128)])
 def test_token_hadamard_quant_on_gpu_is_bit_exact(fmt: str, k: int, b: int) -> None:
-    """Without LayerNorm the kernel's butterflies add in the twin's order and divide the same way: identical."""
+    """Without LayerNorm the kernel's butterflies add in the twin's order and divide the same way: identical.
+
+    The twin runs on a CPU copy: on CUDA torch computes ``tensor / python_scalar`` (the Hadamard's 1/sqrt(b), the
+    scale's absmax / qmax) as a multiplication by the reciprocal, 1 ulp off IEEE division now and then, while the
+    kernel divides with ``div_rn`` as the CPU does."""
     gen = torch.Generator(device="cuda").manual_seed(k * b)
     x = torch.randn(4099, k, device="cuda", generator=gen).bfloat16()
     x[:, 17] = 300.0
     q, s = layernorm_quant.token_quant(x, fmt, hadamard=b)
-    qr, sr = token_quant_ref(x, fmt, b)
-    assert torch.equal(s, sr)
-    assert torch.equal(q.float(), qr.float())
+    qr, sr = token_quant_ref(x.cpu(), fmt, b)
+    assert torch.equal(s.cpu(), sr)
+    assert torch.equal(q.cpu().float(), qr.float())
 
 
 def test_engine_runs_a_rotated_checkpoint_on_gpu() -> None:
@@ -240,8 +266,8 @@ def test_special_rows_on_gpu_match_twins(period: int) -> None:
     special = torch.arange(m, device="cuda") % period < 5
     assert bool((q[special].abs().amax(1) == 127).all()) and int(q[~special].abs().max()) <= 7
     q, s = layernorm_quant.token_quant(x, "int4", 0, period, 5)
-    qr, sr = token_quant_ref(x, "int4", 0, period, 5)
-    assert torch.equal(q, qr) and torch.equal(s, sr)
+    qr, sr = token_quant_ref(x.cpu(), "int4", 0, period, 5)  # CPU twin: IEEE division, as the kernel (see above)
+    assert torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr)
     a, sa = token_quant_ref(x, "int8")
     wq, sw = token_quant_ref(torch.randn(4096, k, device="cuda", generator=gen), "int8")
     kw = {"a_scale": sa, "w_scale": sw, "gelu": True, "out_quant": "int4", "out_hadamard": True,
