@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check qvggt tests
+
+# pydantic for the GPU image (Python 3.12, no pydantic, no registry): scripts/gpu_check.sh installs these for its
+# retention step. Run before a lent GPU's first call, and pass carry [".whl"] to the device tool (.whl/ is ignored).
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 typing_extensions
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
