@@ -6,7 +6,8 @@
 #
 #   OUT=$OUT bash scripts/gpu_quantize_1b.sh
 #
-# Same environment as gpu_check.sh (pydantic and typer from .whl/ when missing). $OUT gets 2 flat files:
+# Needs pydantic (the calibration data comes from the params config): `make gpu-wheels` here, carry .whl/ there
+# (typer is on the GPU image). $OUT gets 2 flat files:
 # quantize_1b.log and quantize_1b.tar.gz (the quantize output folder, written under WORK outside $OUT, without its
 # checkpoint weights: the device tool returns few files and the quantized vggt-1b is large).
 set -uo pipefail
@@ -21,7 +22,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 if ! "$PY" -c "import pydantic, typer" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="/tmp/site:$PYTHONPATH" || { echo "pydantic/typer missing and no .whl/ wheels" >&2; exit 2; }
+        && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    "$PY" -c "import pydantic, typer" || {
+        echo "pydantic or typer is missing and the .whl/ wheels did not provide it: run \`make gpu-wheels\` and carry" \
+            ".whl/ (the device tool's carry)" >&2
+        exit 2
+    }
 fi
 CKPT=${CKPT:-/tmp/$PRESET-name-seeded.safetensors}
 if [ ! -f "$CKPT" ]; then

@@ -61,10 +61,7 @@ def main(
         for wbits, abits in ((4, 8), (4, 4)):
             dest = root / f"{name}-w{wbits}a{abits}"
             t = time.perf_counter()
-            if not (dest / "model.safetensors").is_file():  # reused when present
-                run_quantize(
-                    method, wbits, abits, dest, base, data=data, calib_manifest=calib_manifest, options=options
-                )
+            run_quantize(method, wbits, abits, dest, base, data=data, calib_manifest=calib_manifest, options=options)
             compare.append(str(dest / "model.safetensors"))
             print(f"{name} W{wbits}A{abits}: quantized in {time.perf_counter() - t:.1f} s", flush=True)
     shutil.rmtree(root / "eval", ignore_errors=True)

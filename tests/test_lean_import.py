@@ -71,6 +71,8 @@ def test_cuda_test_modules_collect_without_orchestration_packages(tmp_path: Path
     with_cuda = sorted(str(p.relative_to(root.parent)) for p in root.rglob("test_*.py") if "mark.cuda" in p.read_text())
     assert with_cuda, "no module holds a cuda test"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    absent = subprocess.run([sys.executable, "-c", "import pydantic"], check=False, capture_output=True, env=env)
+    assert absent.returncode != 0 and b"absent on the GPU machine" in absent.stderr  # the blocker is in force
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *with_cuda]
     run = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=root.parent)
     assert run.returncode in (0, 5), run.stdout[-3000:] + run.stderr[-2000:]  # 5: all deselected (no GPU here)

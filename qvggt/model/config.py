@@ -5,7 +5,8 @@ Every architectural knob lives here; modules read nothing else. ``vggt-1b`` is t
 
 A frozen dataclass validated on construction, not a pydantic model: the model, quantization and kernel modules
 must import with torch, numpy and triton alone (the GPU machine has nothing else). Its JSON (``to_json``) is the
-one stored in checkpoints, byte for byte what the earlier pydantic model wrote.
+one stored in checkpoints; for every preset it is byte for byte what the earlier pydantic model wrote (checked when
+the change was made), and any JSON that model wrote reads back (``from_json``).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class VGGTConfig:
     def to_json(self, indent: int | None = None) -> str:
         """The JSON checkpoints store (compact without ``indent``)."""
         if indent is None:
-            return json.dumps(self.to_dict(), separators=(",", ":"))
-        return json.dumps(self.to_dict(), indent=indent)
+            return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VGGTConfig:

@@ -129,6 +129,9 @@ class QuantConfig:
     SUPPORTED_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     # Module whose import registers this config's handler (quantize_ imports it on first use).
     HANDLER_MODULE: ClassVar[str | None] = None
+    # Fields added after checkpoints were written, with the value those checkpoints were made with: a stored config
+    # missing one reads back as what produced it, not as today's default (``config_from_dict``).
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     version: int = 1
 
@@ -202,7 +205,7 @@ def config_from_dict(data: dict[str, Any]) -> QuantConfig:
     if module is not None and not isinstance(module, str):
         raise ValueError(f"config dict '_module' must be a string, got {module!r}")
     cls = _resolve_config_class(name, module)
-    kwargs = {k: v for k, v in data.items() if k not in ("_type", "_module")}
+    kwargs = {**cls.LEGACY_DEFAULTS, **{k: v for k, v in data.items() if k not in ("_type", "_module")}}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - known)
     if unknown:

@@ -133,6 +133,8 @@ class QuantVGGTConfig(SmoothQuantConfig):
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
+    # Checkpoints written before recon_holdout existed were accepted on their training batches: read them so.
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"recon_holdout": 0.0}
 
     head_rotation: bool = True
     fc2_rotation_block: int = 128
@@ -409,8 +411,10 @@ class QuantVGGTHandler(QuantizeHandler):
             scales, clip = dict(result.scales), result.clip
             kept = sum(b.kept for b in result.blocks)
             log.info(
-                "reconstruction: %d/%d blocks improved, %d steps, %.1f s",
-                kept, len(result.blocks), sum(b.steps for b in result.blocks), result.seconds,
+                "reconstruction: %d/%d blocks improved (accepted on %s), %d steps, %.1f s",
+                kept, len(result.blocks),
+                f"{result.heldout} held-out batches" if result.heldout else "the training batches",
+                sum(b.steps for b in result.blocks), result.seconds,
             )  # fmt: skip
         rest = {n: t for n, t in targets.items() if n not in scales}
         scales.update(apply_smoothing_(rest, absmax, config.alpha))

@@ -158,12 +158,14 @@ class ReconstructionResult:
         clip: planned Linear name -> clipping ratio of its weight scales (shape S), only where learned.
         blocks: per-block reports, in order.
         seconds: wall time of the whole reconstruction.
+        heldout: calibration batches held out of training for the acceptance test (0: it ran on the training ones).
     """
 
     scales: dict[str, Tensor] = field(default_factory=dict)
     clip: dict[str, Tensor] = field(default_factory=dict)
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
+    heldout: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,6 +523,7 @@ def reconstruct_blocks(
     gen = torch.Generator().manual_seed(settings.seed)
     fp_in, recorder.inputs = recorder.inputs, []  # from here on, only the current block's activations are held
     q_in = list(fp_in)
+    result.heldout = _check_holdout(settings, len(fp_in))
     per_frame = recorder.shapes[names[0]][0][-2]  # the first block sees one frame's tokens per sequence
     params = {p for blk in recorder.blocks.values() for p in blk.parameters()}
     flags = {p: p.requires_grad for p in params}
@@ -583,6 +586,21 @@ def reconstruct_blocks(
         model.train(was_training)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_holdout(settings: ReconSettings, n: int) -> int:
+    """Held-out batches of ``n``; warns when a nonzero ``holdout`` holds none out (too few calibration batches, or
+    the memory bound left some out), since the acceptance test then runs on the training batches."""
+    train, accept = settings.split(n)
+    held = 0 if accept is train else len(accept)
+    if settings.holdout > 0 and not held:
+        warnings.warn(
+            f"reconstruction: recon_holdout={settings.holdout:g} of {n} calibration batches holds none out, so each "
+            f"block is accepted on the batches it trained on; calibrate on >= {math.ceil(1 / settings.holdout)} "
+            "scenes (or raise recon_max_memory_mb if it left batches out)",
+            stacklevel=3,
+        )
+    return held
 
 
 def _warm_up(plans: Mapping[str, LayerPlan]) -> None:

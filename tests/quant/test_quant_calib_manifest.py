@@ -7,10 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-# qvggt calibrate reads the params config (pydantic), absent on the GPU machine where scripts/gpu_check.sh collects
-# this folder for its cuda tests; installed everywhere else (CI included), so this never skips there.
-pytest.importorskip("pydantic", reason="qvggt calibrate needs pydantic (the params config)")
-
 from qvggt.calib.command import run_calibrate
 from qvggt.model import load_vggt, save_checkpoint
 from qvggt.quant.command import run_quantize

@@ -27,7 +27,8 @@ W4A4 = dict(zip(("weight", "activation"), weight_activation_formats(4, 4), stric
 
 
 def _config(**kw: object) -> QuantVGGTConfig:
-    base: dict[str, object] = {"recon_epochs": 4, "recon_time_budget_s": None, **W4A4}
+    # Three calibration batches: too few to hold any out (the holdout tests below use four).
+    base: dict[str, object] = {"recon_epochs": 4, "recon_time_budget_s": None, "recon_holdout": 0.0, **W4A4}
     return QuantVGGTConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -228,7 +229,7 @@ def test_holdout_split_is_disjoint_seeded_and_falls_back_to_training_batches() -
         reconstruct.ReconSettings(holdout=1.0).split(4)
 
 
-def test_blocks_train_without_the_held_out_batch_and_are_judged_on_it(planted) -> None:
+def test_blocks_train_without_the_held_out_batch_and_are_judged_on_it(planted, monkeypatch: pytest.MonkeyPatch) -> None:
     """One of four batches held out: the first block runs backward passes on the three others only (the held-out
     one is run without gradients: the acceptance passes), epochs x 3 steps per block."""
     model, calib, held_out = planted
@@ -239,6 +240,14 @@ def test_blocks_train_without_the_held_out_batch_and_are_judged_on_it(planted) -
     m, handler, state = _calibrated(model, batches, config)
     ptrs = [x.data_ptr() for x in state.blocks.inputs]  # the first block's input of each batch, in order
     first = state.blocks.blocks[state.blocks.order[0]]
+    judged_on: list[list[int]] = []  # the batches each acceptance loss averages
+    loss = reconstruct._loss
+
+    def spy(*args: Any) -> Any:
+        judged_on.append(list(args[-1]))
+        return loss(*args)
+
+    monkeypatch.setattr(reconstruct, "_loss", spy)
     calls: list[tuple[bool, int]] = []
     hook = first.register_forward_pre_hook(
         lambda mod, args: calls.append((torch.is_grad_enabled(), args[0].data_ptr()))
@@ -248,7 +257,24 @@ def test_blocks_train_without_the_held_out_batch_and_are_judged_on_it(planted) -
     finally:
         hook.remove()
     trained = {ptrs.index(p) for grad, p in calls if grad}
-    judged = {ptrs.index(p) for grad, p in calls if not grad}
-    assert trained == set(train) and judged == set(range(4)), (trained, judged)  # outputs of all feed block 1
+    ran = {ptrs.index(p) for grad, p in calls if not grad}
+    assert trained == set(train) and ran == set(range(4)), (trained, ran)  # outputs of all feed block 1
     report = state.recon
-    assert report is not None and all(b.steps == 2 * 3 for b in report.blocks), [b.steps for b in report.blocks]
+    assert report is not None and report.heldout == 1
+    assert all(b.steps == 2 * 3 for b in report.blocks), [b.steps for b in report.blocks]
+    assert judged_on and all(on == held for on in judged_on), judged_on  # accepted on the held-out batch only
+
+
+def test_too_few_batches_to_hold_out_warns_and_accepts_on_the_training_ones(planted) -> None:
+    model, calib, _ = planted  # three batches: floor(0.25 * 3) = 0 held out
+    with pytest.warns(UserWarning, match=r"recon_holdout=0.25 of 3 calibration batches holds none out"):
+        _, state, _ = _folded(model, calib, _config(recon_epochs=1, recon_holdout=0.25))
+    assert state.recon is not None and state.recon.heldout == 0
+
+
+def test_checkpoints_from_before_the_holdout_read_back_as_made() -> None:
+    stored = QuantVGGTConfig(**W4A4, recon_holdout=0.0).to_dict()  # type: ignore[arg-type]
+    del stored["recon_holdout"]  # what a manifest written before the field existed holds
+    assert config_from_dict(stored).recon_holdout == 0.0  # accepted on its training batches, as it was
+    assert QuantVGGTConfig().recon_holdout == 0.25
+    assert config_from_dict(QuantVGGTConfig().to_dict()).recon_holdout == 0.25
