@@ -105,6 +105,11 @@ class TrainConfig(Section):
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     warmup_steps: int = Field(100, ge=0)
+    # A warm restart (trainer.lr_factor): the first cosine ends at ``restart_step`` (at min_lr_ratio), the learning
+    # rate jumps to ``restart_lr_ratio`` x lr there and decays by a second cosine to min_lr_ratio at ``steps``; Adam's
+    # moments and the data order carry on. None: one cosine over the run. docs/TRAINING_NOTES.md section 11.
+    restart_step: int | None = Field(None, ge=1)
+    restart_lr_ratio: float = Field(1 / 3, gt=0, le=1)
     weight_decay: float = Field(0.05, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
@@ -153,8 +158,10 @@ class TrainConfig(Section):
     )
 
     def training_signature(self) -> str:
-        """JSON of the fields that determine the trained weights (what a resumed run must share)."""
-        return self.model_dump_json(exclude=set(self.NOT_TRAINING))
+        """JSON of the fields that determine the trained weights (what a resumed run must share). Without a restart
+        the restart fields are left out, so runs started before they existed still resume."""
+        unused = {"restart_step", "restart_lr_ratio"} if self.restart_step is None else set()
+        return self.model_dump_json(exclude=set(self.NOT_TRAINING) | unused)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,6 +171,11 @@ class TrainConfig(Section):
             raise ValueError(f"train.image_size={self.image_size} must be a multiple of 14")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps})")
+        if self.restart_step is not None and not self.warmup_steps < self.restart_step < self.steps:
+            raise ValueError(
+                f"train.restart_step ({self.restart_step}) must lie after train.warmup_steps ({self.warmup_steps}) and "
+                f"before train.steps ({self.steps}), or be null for a single cosine"
+            )
         if self.render_frames is not None:
             widest = max(self.frame_stride, self.frame_stride_end or 0)
             if (self.num_frames - 1) * widest >= self.render_frames:

@@ -41,11 +41,17 @@ MATCH_LOGGED = ("loss_match", "match_top1")  # logged too when the model has cor
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``; with ``restart_step``, the cosine ends
+    there and a second one runs from ``restart_lr_ratio`` down to ``min_lr_ratio`` at ``steps`` (a warm restart)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    lo = cfg.min_lr_ratio
+    if cfg.restart_step is None or step < cfg.restart_step:
+        end, start, peak = cfg.restart_step or cfg.steps, cfg.warmup_steps, 1.0
+    else:
+        end, start, peak = cfg.steps, cfg.restart_step, cfg.restart_lr_ratio
+    progress = (step - start) / max(1, end - start)
+    return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def batch_indices(step: int, batch_size: int, num_scenes: int, seed: int) -> list[int]:

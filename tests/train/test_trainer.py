@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,25 @@ def test_schedule_and_data_order() -> None:
     order = [i for s in range(5) for i in batch_indices(s, 2, 10, seed=3)]
     assert sorted(order) == list(range(10))
     assert order != [i for s in range(5) for i in batch_indices(s, 2, 10, seed=4)]
+
+
+def test_warm_restart_matches_a_continuation_of_the_finished_run() -> None:
+    """restart_step=80 of 100: steps up to 80 follow the cosine of an 80-step run; from there the rate of the
+    session-9 continuation (scripts/issue4/continue_full.py: restart_lr_ratio x lr decaying to the run's minimum)."""
+    short = TrainConfig(steps=80, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, restart_step=80, restart_lr_ratio=0.4)
+    assert [lr_factor(k, cfg) for k in range(80)] == [lr_factor(k, short) for k in range(80)]
+    lr, base = 0.4 * cfg.lr, cfg.lr  # the continuation's own formula, as an absolute rate
+    f = cfg.min_lr_ratio * base / lr
+    cont = [lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * k / 20))) / base for k in range(20)]
+    assert [lr_factor(80 + k, cfg) for k in range(20)] == pytest.approx(cont)
+    assert lr_factor(79, cfg) == pytest.approx(0.1, abs=1e-3) and lr_factor(80, cfg) == pytest.approx(0.4)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+    # Without a restart the signature is what it was before the option existed (old runs still resume).
+    assert "restart" not in short.training_signature() and '"restart_step":80' in cfg.training_signature()
+    for bad in (5, 10, 100, 150):
+        with pytest.raises(ValueError, match="train.restart_step"):
+            TrainConfig(steps=100, warmup_steps=10, restart_step=bad)
 
 
 def test_frame_windows_from_longer_trajectories_resume_exactly(tmp_path: Path, cache_root: Path) -> None:
