@@ -18,7 +18,6 @@ do not fold away.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from qvggt.model.vggt import VGGT
+from qvggt.train.schedule import warmup_cosine
 
-__all__ = ["cosine_lr_factor", "distill_loss", "finetune_", "plant_massive_activations_"]
+__all__ = ["distill_loss", "finetune_", "plant_massive_activations_"]
 
 
 @torch.no_grad()
@@ -47,14 +47,6 @@ def plant_massive_activations_(
     for tokens in (agg.camera_token, agg.register_token):
         signs = torch.randint(0, 2, (*tokens.shape[:-1], len(channels)), generator=gen).float() * 2 - 1
         tokens[..., list(channels)] = (signs * magnitude).to(tokens.dtype)
-
-
-def cosine_lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up over ``warmup_steps`` to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def distill_loss(student: dict, teacher: dict, mask: torch.Tensor, camera_weight: float = 5.0) -> torch.Tensor:
@@ -109,7 +101,7 @@ def finetune_(
         {"params": [p for n, p in named if n.startswith("camera_head.")], "lr": lr * camera_head_lr_scale},
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr_factor(s, steps, warmup_steps, min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup_steps, min_lr_ratio))
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     # The camera head's refinement passes each add a delta to the raw encoding; their sum is what its ReLU turns

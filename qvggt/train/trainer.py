@@ -30,6 +30,7 @@ from qvggt.model import VGGT, build_model, get_preset, save_checkpoint
 from qvggt.train.correspondence import matching_loss
 from qvggt.train.data import SceneCache, build_cache, frame_windows, select_frames
 from qvggt.train.losses import LossWeights, vggt_loss
+from qvggt.train.schedule import warmup_cosine
 from qvggt.train.validation import ValidationResult, check_gate, gate_failed, validate, validation_scenes
 
 STATE_FILE = "state.pt"
@@ -41,17 +42,9 @@ MATCH_LOGGED = ("loss_match", "match_top1")  # logged too when the model has cor
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``; with ``restart_step``, the cosine ends
-    there and a second one runs from ``restart_lr_ratio`` down to ``min_lr_ratio`` at ``steps`` (a warm restart)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    lo = cfg.min_lr_ratio
-    if cfg.restart_step is None or step < cfg.restart_step:
-        end, start, peak = cfg.restart_step or cfg.steps, cfg.warmup_steps, 1.0
-    else:
-        end, start, peak = cfg.steps, cfg.restart_step, cfg.restart_lr_ratio
-    progress = (step - start) / max(1, end - start)
-    return lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """The schedule of ``cfg`` (``warmup_cosine``): warm-up, cosine to ``min_lr_ratio`` at ``steps``, and the warm
+    restart at ``restart_step`` when set."""
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.restart_step, cfg.restart_lr_ratio)
 
 
 def batch_indices(step: int, batch_size: int, num_scenes: int, seed: int) -> list[int]:

@@ -11,10 +11,11 @@ import torch
 
 from qvggt.calib.heavy_tails import heavy_tail_rows
 from qvggt.calib.stats import collect_stats
-from qvggt.calib.stress import cosine_lr_factor, distill_loss, finetune_, plant_massive_activations_
+from qvggt.calib.stress import distill_loss, finetune_, plant_massive_activations_
 from qvggt.config import DataConfig
 from qvggt.model import load_vggt
 from qvggt.train.data import SceneCache, build_cache
+from qvggt.train.schedule import warmup_cosine
 from qvggt.train.trainer import training_scenes
 
 
@@ -72,7 +73,7 @@ def test_camera_head_learns_at_its_own_rate(tmp_path: Path) -> None:
 
 
 def test_lr_warms_up_then_decays_on_a_cosine_to_the_floor() -> None:
-    f = [cosine_lr_factor(s, steps=100, warmup_steps=10, min_lr_ratio=0.05) for s in range(120)]
+    f = [warmup_cosine(s, steps=100, warmup_steps=10, min_lr_ratio=0.05) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # never rises after the warm-up
     assert f[55] == pytest.approx(0.05 + 0.95 * 0.5)  # half-way through the decay
