@@ -422,19 +422,21 @@ def _train_block(
     fp_in: list[Tensor],
     q_in: list[Tensor],
     extras: list[Any],
+    split: tuple[list[int], list[int]],
     settings: ReconSettings,
     deadline: float,
     gen: torch.Generator,
     objective: _Objective,
 ) -> _BlockRun:
-    """Train one block whose planned Linears are ``wrappers`` (installed); empties ``fp_in``."""
+    """Train one block whose planned Linears are ``wrappers`` (installed) on the batches ``split[0]``, accepting on
+    ``split[1]`` (``ReconSettings.split``); empties ``fp_in``."""
     for w in wrappers.values():
         w.quant = False
     fp_out = _run(block, fp_in, extras)
     fp_in.clear()  # the float outputs are the next block's float inputs
     for w in wrappers.values():
         w.quant, w.use_clip = True, False
-    train, accept = settings.split(len(q_in))
+    train, accept = split
     t = time.perf_counter()
     loss_init, q_out = _loss(block, q_in, fp_out, extras, objective, accept)
     t_pass = time.perf_counter() - t
@@ -523,7 +525,15 @@ def reconstruct_blocks(
     gen = torch.Generator().manual_seed(settings.seed)
     fp_in, recorder.inputs = recorder.inputs, []  # from here on, only the current block's activations are held
     q_in = list(fp_in)
-    result.heldout = _check_holdout(settings, len(fp_in))
+    train, accept = settings.split(len(fp_in))  # the same split for every block
+    result.heldout = 0 if accept is train else len(accept)
+    if settings.holdout > 0 and not result.heldout:
+        warnings.warn(
+            f"reconstruction: recon_holdout={settings.holdout:g} of {len(fp_in)} calibration batches holds none out, "
+            "so each block is accepted on the batches it trained on; calibrate on >= "
+            f"{math.ceil(1 / settings.holdout)} scenes (or raise recon_max_memory_mb if it left batches out)",
+            stacklevel=3,
+        )
     per_frame = recorder.shapes[names[0]][0][-2]  # the first block sees one frame's tokens per sequence
     params = {p for blk in recorder.blocks.values() for p in blk.parameters()}
     flags = {p: p.requires_grad for p in params}
@@ -564,7 +574,9 @@ def reconstruct_blocks(
             try:
                 n = shapes[0][-2]  # tokens per sequence: one frame (frame block) or all frames (global block)
                 objective = _Objective.for_tokens(n, per_frame, special_tokens, settings.special_weight, q_in[0].device)
-                run = _train_block(block, wrappers, fp_in, q_in, extras, settings, deadline, gen, objective)
+                run = _train_block(
+                    block, wrappers, fp_in, q_in, extras, (train, accept), settings, deadline, gen, objective
+                )
             finally:
                 _swap(block, name, originals)
             fp_in, q_in = run.fp_out, run.q_out
@@ -586,21 +598,6 @@ def reconstruct_blocks(
         model.train(was_training)
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _check_holdout(settings: ReconSettings, n: int) -> int:
-    """Held-out batches of ``n``; warns when a nonzero ``holdout`` holds none out (too few calibration batches, or
-    the memory bound left some out), since the acceptance test then runs on the training batches."""
-    train, accept = settings.split(n)
-    held = 0 if accept is train else len(accept)
-    if settings.holdout > 0 and not held:
-        warnings.warn(
-            f"reconstruction: recon_holdout={settings.holdout:g} of {n} calibration batches holds none out, so each "
-            f"block is accepted on the batches it trained on; calibrate on >= {math.ceil(1 / settings.holdout)} "
-            "scenes (or raise recon_max_memory_mb if it left batches out)",
-            stacklevel=3,
-        )
-    return held
 
 
 def _warm_up(plans: Mapping[str, LayerPlan]) -> None:
