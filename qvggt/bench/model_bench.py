@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from qvggt.bench.configs import BenchConfig, build_config_model
+from qvggt.bench.report import graph_mode
 from qvggt.engine import Engine, kernel_call_counts, reset_kernel_call_counts
 from qvggt.model.vggt import VGGT
 
@@ -38,7 +39,6 @@ __all__ = [
     "config_major_plan",
     "fidelity_reference",
     "forward_fn",
-    "graph_mode",
 ]
 
 Plan = list[tuple[BenchConfig, list[int]]]  # (config, frame counts) steps, in order
@@ -266,16 +266,6 @@ def _emit(res: ModelResult, jsonl: Path | None, log: Callable[[str], None]) -> M
         with open(jsonl, "a") as f:  # append-only log: partial results survive a killed run
             f.write(json.dumps(asdict(res)) + "\n")
     return res
-
-
-def graph_mode(graphs: dict | None) -> str:
-    """How a measurement launched its kernels: "graph" (replays, no eager call), "eager" (any eager call: see the
-    fallback reasons), or "-" (no engine, or nothing ran)."""
-    if not graphs:
-        return "-"
-    if graphs.get("eager"):
-        return "eager"
-    return "graph" if graphs.get("replays") else "-"
 
 
 def _free(device: torch.device) -> None:

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-__all__ = ["render_markdown"]
+__all__ = ["graph_mode", "render_markdown"]
 
 
 def _f(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _graph_cell(graphs: dict | None) -> str:
-    """The CUDA-graph column: "graph" (replayed, no eager call), "eager" (see the fallback notes), "-" (no engine)."""
+def graph_mode(graphs: dict | None) -> str:
+    """How a measurement launched its kernels: "graph" (replays, no eager call), "eager" (any eager call: see the
+    fallback reasons), or "-" (no engine, or nothing ran)."""
     if not graphs:
         return "-"
     if graphs.get("eager"):
-        return f"eager ({graphs['eager']} calls)"
-    if graphs.get("replays"):
-        return f"graph ({graphs.get('captures', 0)} captured, {graphs['replays']} replays)"
-    return "-"
+        return "eager"
+    return "graph" if graphs.get("replays") else "-"
+
+
+def _graph_cell(graphs: dict | None) -> str:
+    """The CUDA-graph column: ``graph_mode`` with its counts (eager: see the fallback notes under the table)."""
+    mode = graph_mode(graphs)
+    if mode == "eager":
+        return f"eager ({graphs['eager']} calls)"  # type: ignore[index]
+    if mode == "graph":
+        return f"graph ({graphs.get('captures', 0)} captured, {graphs['replays']} replays)"  # type: ignore[union-attr,index]
+    return mode
 
 
 def _model_table(doc: dict) -> list[str]:
