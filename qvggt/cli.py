@@ -451,28 +451,15 @@ def bench(
     """Benchmark the published path, the bf16 fused engine and each quantized config (latency, memory, fidelity)."""
     import sys
 
-    from qvggt.bench.configs import parse_configs
-    from qvggt.bench.run import add_retention, run_bench
+    from qvggt.bench.run import bench_command
 
     try:
-        frame_list = [int(f) for f in frames.split(",") if f.strip()]
-        if retention_checkpoint is not None and str(retention_checkpoint) in ("", "."):
-            retention_checkpoint = None
-        if retention_only or retention_skipped is not None:
-            add_retention(
-                out, retention_checkpoint, parse_configs(configs), retention_scenes, retention_skipped, typer.echo
-            )
-            return
-        if retention_checkpoint is not None and not retention_checkpoint.is_file():
-            raise ValueError(f"retention checkpoint not found: {retention_checkpoint} (pass '' to skip that section)")
-        doc = run_bench(
-            out, parse_configs(configs), frame_list, height, width, preset, kernels,
-            retention_checkpoint=retention_checkpoint, retention_scenes=retention_scenes, seed=seed,
-            command="qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo, order=order,
-        )  # fmt: skip
+        typer.echo(bench_command(
+            out, configs, frames, height, width, preset, kernels, retention_checkpoint, retention_scenes, seed, order,
+            retention_only, retention_skipped, "qvggt bench " + " ".join(sys.argv[2:]), log=typer.echo,
+        ))  # fmt: skip
     except ValueError as exc:
         _fail(exc)
-    typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({'GPU' if doc['gpu'] else 'CPU reference'})")
 
 
 def main() -> None:

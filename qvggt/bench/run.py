@@ -62,6 +62,7 @@ __all__ = [
     "MEMORY_CONFIGS",
     "MEMORY_FRAMES",
     "add_retention",
+    "bench_command",
     "build_parser",
     "main",
     "measurement_phases",
@@ -319,30 +320,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qvggt.bench.run``: ``qvggt bench`` without typer (module docstring). Returns the exit code."""
+def bench_command(
+    out: Path,
+    configs: str,
+    frames: str,
+    height: int,
+    width: int,
+    preset: str | None,
+    kernels: bool,
+    retention_checkpoint: str | Path | None,
+    retention_scenes: int,
+    seed: int,
+    order: str,
+    retention_only: bool,
+    retention_skipped: str | None,
+    command: str,
+    log: Callable[[str], None] = print,
+) -> str:
+    """What ``qvggt bench`` and ``python -m qvggt.bench.run`` do with their (same) options; returns the closing line.
+    ``retention_checkpoint`` "" (or ".") skips that section. Raises ValueError on bad input."""
     from qvggt.bench.configs import parse_configs
 
-    args = build_parser().parse_args(argv)
+    parsed = parse_configs(configs)
+    ckpt = (
+        None if retention_checkpoint is None or str(retention_checkpoint) in ("", ".") else Path(retention_checkpoint)
+    )
+    if retention_only or retention_skipped is not None:
+        add_retention(out, ckpt, parsed, retention_scenes, skipped=retention_skipped, log=log)
+        return f"updated {out / 'bench.json'} and {out / 'bench.md'}"
+    if ckpt is not None and not ckpt.is_file():
+        raise ValueError(f"retention checkpoint not found: {ckpt} (pass '' to skip that section)")
+    doc = run_bench(
+        out, parsed, [int(f) for f in frames.split(",") if f.strip()], height, width, preset, kernels,
+        retention_checkpoint=ckpt, retention_scenes=retention_scenes, seed=seed, command=command, log=log, order=order,
+    )  # fmt: skip
+    return f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({'GPU' if doc['gpu'] else 'CPU reference'})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qvggt.bench.run``: ``qvggt bench`` without typer (module docstring). Returns the exit code."""
+    a = build_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "qvggt.bench.run", *(sys.argv[1:] if argv is None else argv)])
     try:
-        configs = parse_configs(args.configs)
-        ckpt = Path(args.retention_checkpoint) if args.retention_checkpoint not in ("", ".") else None
-        if args.retention_only or args.retention_skipped is not None:
-            add_retention(args.out, ckpt, configs, args.retention_scenes, skipped=args.retention_skipped)
-            return 0
-        if ckpt is not None and not ckpt.is_file():
-            raise ValueError(f"retention checkpoint not found: {ckpt} (pass '' to skip that section)")
-        frames = [int(f) for f in args.frames.split(",") if f.strip()]
-        command = shlex.join(["python", "-m", "qvggt.bench.run", *(sys.argv[1:] if argv is None else argv)])
-        doc = run_bench(
-            args.out, configs, frames, args.height, args.width, args.preset, args.kernels,
-            retention_checkpoint=ckpt, retention_scenes=args.retention_scenes, seed=args.seed, command=command,
-            order=args.order,
-        )  # fmt: skip
+        print(bench_command(
+            a.out, a.configs, a.frames, a.height, a.width, a.preset, a.kernels, a.retention_checkpoint,
+            a.retention_scenes, a.seed, a.order, a.retention_only, a.retention_skipped, command,
+        ))  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'} ({'GPU' if doc['gpu'] else 'CPU reference'})")
     return 0
 
 
