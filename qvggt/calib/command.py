@@ -67,6 +67,8 @@ class CalibrateResult:
     pool_size: int
     num_removed: int
     num_selected: int
+    num_requested: int  # n_clusters * n_per_cluster (cluster modes) or the draw size asked for
+    num_topped_up: int  # places short clusters could not fill, taken by larger clusters
 
 
 def check_calibrate_settings(
@@ -217,12 +219,13 @@ def write_selection(
     n_per_cluster: int = 2,
     n_init: int = 10,
 ) -> CalibrateResult:
-    """Step 4: k-means on the frame-aware features (of the filter's survivors in ``filter`` / ``nfds`` modes) and a
-    seeded per-cluster draw -> ``out/manifest.json`` (same bytes as :func:`~qvggt.calib.manifest.build_manifest`
+    """Step 4: k-means on the frame-aware and deep-layer features, two equally weighted blocks (of the filter's
+    survivors in ``filter`` / ``nfds`` modes), and a seeded per-cluster draw topped up where clusters are small -> ``out/manifest.json`` (same bytes as :func:`~qvggt.calib.manifest.build_manifest`
     on the same inputs) and ``out/calibrate.json``."""
     import numpy as np
 
-    from qvggt.calib.nfds import select_calibration_with_clusters
+    from qvggt.calib.manifest import CLUSTER_FEATURES, selection_record
+    from qvggt.calib.nfds import select_calibration_detailed
 
     pool = _read_json(pool_path, "pool")
     feats = _read_features(features_path)
@@ -232,8 +235,8 @@ def write_selection(
         raise ValueError(f"{features_path} was not computed on {pool_path}: rerun the feature step")
     removed = set(outliers["removed_ids"])
     mask = np.asarray([sid in removed for sid in ids], dtype=bool)
-    chosen, clusters = select_calibration_with_clusters(
-        feats["frame"],
+    sel = select_calibration_detailed(
+        (feats["frame"], feats["deep"]),
         mask,
         n_clusters,
         n_per_cluster,
@@ -241,10 +244,12 @@ def write_selection(
         n_init,
         mode,  # type: ignore[arg-type]
     )
+    chosen, clusters = sel.chosen, sel.clusters
     h, w = pool["image_hw"]
     config = {
         "n_clusters": n_clusters, "n_per_cluster": n_per_cluster, "n_init": n_init, "layers": feats["layers"],
         "iqr_factor": outliers["iqr_factor"], "per_category": outliers["per_category"],
+        "cluster_features": list(CLUSTER_FEATURES), "selection": selection_record(sel),
         # Settings and content hashes only: no absolute paths or timestamps (the file must be byte-identical).
         "dataset": pool["dataset"], "pool_scenes": len(ids), "frames": pool["frames"], "image_hw": [h, w],
         "model_sha256": feats["model_sha256"],
@@ -264,13 +269,14 @@ def write_selection(
     manifest_path = manifest.write(out / MANIFEST_NAME)
     summary = {
         "mode": mode, "seed": seed, "pool_size": len(ids), "num_removed": len(manifest.removed_ids),
-        "num_selected": len(manifest.sample_ids), "num_clusters": len(set((manifest.cluster_of or {}).values())),
+        "num_selected": len(manifest.sample_ids), "num_requested": sel.requested, "num_topped_up": sel.topped_up,
+        "num_clusters": len(set((manifest.cluster_of or {}).values())),
         "manifest_sha256": manifest.sha256(),
     }  # fmt: skip
     summary_path = _write_json(out / SUMMARY_NAME, summary)
     return CalibrateResult(
         manifest_path, summary_path, summary["manifest_sha256"], len(ids), summary["num_removed"],
-        summary["num_selected"],
+        summary["num_selected"], sel.requested, sel.topped_up,
     )  # fmt: skip
 
 

@@ -11,7 +11,11 @@ Fields (N_sel selected samples):
 - ``pool_ids``: every candidate, in pool order; ``removed_ids``: the outliers the filter dropped (empty in the
   ``random`` / ``cluster`` modes).
 - ``cluster_of``: ``{sample_id: cluster}`` for every clustered sample, or None.
-- ``config``: JSON-able settings (n_clusters, n_per_cluster, n_init, layers, dataset spec ...).
+- ``config``: JSON-able settings (n_clusters, n_per_cluster, n_init, layers, dataset spec ...). Manifests written
+  since the frame-feature fix also hold ``cluster_features`` (the feature blocks k-means saw, ``["frame", "deep"]``)
+  and ``selection`` (:func:`selection_record`: ``requested`` size, ``short_by`` = how many it lacks because the
+  clean pool was too small, ``topped_up`` = places small clusters left to others); older manifests lack both and
+  still load unchanged (the format version is the same).
 - ``data_hashes``: ``{sample_id: sha256 hex}`` of each selected sample's images, see :func:`images_sha256`.
 """
 
@@ -29,10 +33,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from qvggt.calib.nfds import Mode, iqr_outliers, pool_features, select_calibration_with_clusters
+from qvggt.calib.nfds import Mode, Selection, iqr_outliers, pool_features, select_calibration_detailed
 from qvggt.io import atomic_open
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CalibrationManifest", "build_manifest", "images_sha256"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "CalibrationManifest", "build_manifest", "images_sha256", "selection_record"]
 
 FORMAT = "qvggt-calibration-manifest"
 FORMAT_VERSION = 1
@@ -43,6 +47,15 @@ def images_sha256(images: np.ndarray) -> str:
     manifest's ``frame_ids`` fix S and the config fixes H, W)."""
     arr = np.ascontiguousarray(np.asarray(images), dtype="<f4")
     return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def selection_record(sel: Selection) -> dict[str, Any]:
+    """The manifest's ``config["selection"]``: requested size, how many it is short by, how many were topped up."""
+    return {"requested": int(sel.requested), "short_by": int(sel.short_by), "topped_up": int(sel.topped_up)}
+
+
+# What k-means clusters on in the clustered modes (recorded: older manifests clustered other features).
+CLUSTER_FEATURES = ["frame", "deep"]
 
 
 def _check_json_value(value: Any, where: str) -> None:
@@ -166,9 +179,8 @@ def build_manifest(
     """
     feats = pool_features(model, samples, layers)
     outliers = iqr_outliers(feats.deep, feats.categories if per_category else None, factor)
-    chosen, clusters = select_calibration_with_clusters(
-        feats.frame, outliers, n_clusters, n_per_cluster, seed, n_init, mode
-    )
+    sel = select_calibration_detailed(feats.blocks, outliers, n_clusters, n_per_cluster, seed, n_init, mode)
+    chosen, clusters = sel.chosen, sel.clusters
     ids = feats.sample_ids
     filtered = mode in ("filter", "nfds")
     cfg = {
@@ -178,6 +190,8 @@ def build_manifest(
         "layers": feats.layers,
         "iqr_factor": factor,
         "per_category": per_category,
+        "cluster_features": list(CLUSTER_FEATURES),
+        "selection": selection_record(sel),
         **(config or {}),
     }
     return CalibrationManifest(

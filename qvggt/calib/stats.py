@@ -725,7 +725,8 @@ def collect_stats(
     in eval mode and return the input statistics of ``layers``.
 
     When every selected layer lies inside the aggregator, only the aggregator runs (heads skipped, no layer
-    outputs kept). ``dtype`` other than float32 runs it under autocast, as VGGT inference does.
+    outputs kept); for a VGGT through ``VGGT.aggregate``, so correspondence tokens enter as in ``model(images)``.
+    ``dtype`` other than float32 runs it under autocast, as VGGT inference does.
     """
     stats = ActivationStats(bins, layout)
     was_training = model.training
@@ -735,12 +736,18 @@ def collect_stats(
         with torch.no_grad(), stats.attach(model, layers):
             agg = stats.aggregator
             agg_only = agg is not None and (agg is model or all(n.startswith(stats.prefix) for n in stats.layer_names))
+            # A VGGT feeds its aggregator through ``aggregate`` (correspondence-token offsets enter the patch
+            # tokens there); calling the aggregator alone would record activations the model never produces.
+            via_model = agg is not model and agg is getattr(model, "aggregator", None) and hasattr(model, "aggregate")
             for images in _batches_on(batches, device):
                 if agg_only:
                     # Autocast as VGGT.forward applies it to the aggregator; keep_layers=() keeps no outputs.
                     use_amp = dtype != torch.float32 and device.type in ("cpu", "cuda")
                     with torch.autocast(device.type, dtype=dtype) if use_amp else nullcontext():
-                        agg(images, keep_layers=())
+                        if via_model:
+                            model.aggregate(images, (), {})
+                        else:
+                            agg(images, keep_layers=())
                 elif hasattr(model, "aggregator"):
                     model(images, dtype=dtype)
                 else:

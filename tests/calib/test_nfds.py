@@ -16,7 +16,7 @@ from qvggt.calib.nfds import (
     iqr_outliers,
     pool_features,
     select_calibration,
-    select_calibration_with_clusters,
+    select_calibration_detailed,
 )
 from qvggt.eval.datasets import EvalSample, SyntheticEvalDataset
 from qvggt.model import build_model, get_preset
@@ -110,9 +110,9 @@ def test_selection_seeded_and_modes(feats) -> None:
     # random ignores the filter: over seeds it does reach flagged samples.
     hits = set().union(*(select_calibration(x, flags, 3, 2, seed=s, n_init=4, mode="random") for s in range(20)))
     assert hits & bad
-    _, clusters = select_calibration_with_clusters(x, flags, 3, 2, seed=0, n_init=4, mode="cluster")
+    clusters = select_calibration_detailed(x, flags, 3, 2, seed=0, n_init=4, mode="cluster").clusters
     assert clusters is not None and sorted(clusters) == list(range(len(x)))  # cluster mode uses the whole pool
-    _, clusters = select_calibration_with_clusters(x, flags, 3, 2, seed=0, n_init=4, mode="nfds")
+    clusters = select_calibration_detailed(x, flags, 3, 2, seed=0, n_init=4, mode="nfds").clusters
     assert clusters is not None and not bad & set(clusters) and set(clusters.values()) == {0, 1, 2}
 
 
