@@ -20,19 +20,17 @@ def load_quantized(path: str | Path, options: EngineOptions | None = None) -> En
     Raises:
         FileNotFoundError: no such file.
         ValueError / CheckpointError: a file that is neither a quantized nor a float VGGT checkpoint (the message
-            says which), or a quantized format the engine has no kernel for (``UnsupportedLayerError``).
+            says which), a quantized checkpoint whose manifest this qvggt cannot read (its own error: unsupported
+            version, damaged JSON), or a quantized format the engine has no kernel for (``UnsupportedLayerError``).
     """
     from qvggt.model import load_vggt
+    from qvggt.quant.export import has_manifest
     from qvggt.quant.export import load_quantized as load_reference
-    from qvggt.quant.export import read_manifest
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (write one with `qvggt quantize`)")
-    try:
-        read_manifest(path)
-        quantized = True
-    except ValueError:  # no qvggt manifest: a float checkpoint, or not a checkpoint (load_vggt says which)
-        quantized = False
-    model = load_reference(path) if quantized else load_vggt(path)
+    # Only a file without a qvggt manifest is a float checkpoint (or none: load_vggt says which). A manifest that
+    # fails to read must raise its own error, not send a quantized file down the float path ("missing 1362 ...").
+    model = load_reference(path) if has_manifest(path) else load_vggt(path)
     return build_engine(model, options)

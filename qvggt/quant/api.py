@@ -11,6 +11,8 @@ A method is a config class (``qvggt.quant.config.QuantConfig`` subclass) plus a 
             ...
         def release(self, model, state):   # always called at the end: remove hooks (also after an error)
             ...
+        def modifies_in_place(self, model, config, filter_fn=None):   # modules whose tensors prepare/convert change
+            ...
 
 ``quantize_`` dispatches on ``type(config)`` (exact type) and runs prepare -> calibration batches -> convert.
 Nothing here knows any method: a new method never edits this file. A config whose handler is not registered yet
@@ -21,6 +23,10 @@ importing ``qvggt.quant.rtn`` first); error messages list the handlers of every 
 Calibration batches go through the model under ``torch.no_grad()`` in eval mode (the training flag is restored
 afterwards): a Tensor as ``model(batch)``, a Mapping as ``model(**batch)``, a tuple/list as ``model(*batch)``.
 Observers must keep running statistics (``MinMaxObserver``), never the activations.
+
+A failed ``quantize_`` (an exception in prepare, calibration or convert) leaves the model as it was: submodule
+swaps are undone, and the tensors of the modules ``modifies_in_place`` names (rotations, folds) are restored from
+copies taken before prepare (``qvggt.quant.snapshot``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import nn
 from qvggt.quant.config import ALLOWED_CONFIG_MODULES, QuantConfig
 from qvggt.quant.coverage import FilterFn
 from qvggt.quant.linear import QuantConv2d, QuantLinear
+from qvggt.quant.snapshot import ModelSnapshot
 
 __all__ = [
     "QuantSummary",
@@ -74,6 +81,14 @@ class QuantizeHandler(ABC):
 
     def release(self, model: nn.Module, state: Any) -> None:
         """Remove whatever ``prepare`` attached (hooks); called once at the end, also on errors."""
+
+    def modifies_in_place(
+        self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    ) -> Iterable[nn.Module]:
+        """Modules whose parameters or buffers ``prepare`` / ``convert`` change in place (rotations and folds into
+        float weights): ``quantize_`` copies them first and restores them if quantization fails. Swapped
+        submodules need no listing (the module tree is always restored). Default: none."""
+        return ()
 
 
 _HANDLERS: dict[type[QuantConfig], QuantizeHandler] = {}
@@ -190,6 +205,7 @@ def quantize_(
     Raises:
         TypeError / ValueError: unregistered config (listing the registered ones), calibration data missing,
             empty or given to a method that takes none, or whatever the handler raises for an invalid config.
+            After any error ``model`` is as it was before the call (module docstring).
     """
     handler = get_quantize_handler(config)
     name = type(config).__name__
@@ -198,24 +214,31 @@ def quantize_(
     if not handler.needs_calibration and calibration_data is not None:
         # Silently ignoring it would let a caller believe the model was calibrated.
         raise ValueError(f"{name} takes no calibration data (data-free); drop calibration_data")
-    state = handler.prepare(model, config, filter_fn)
+    snapshot = ModelSnapshot(model, handler.modifies_in_place(model, config, filter_fn))
     try:
-        if calibration_data is not None:
-            was_training = model.training
-            model.eval()
-            try:
-                n = 0
-                with torch.no_grad():
-                    for batch in calibration_data:
-                        _feed(model, batch)
-                        n += 1
-            finally:
-                model.train(was_training)
-            if n == 0:
-                raise ValueError(f"{name}: calibration_data yielded no batch")
-        return handler.convert(model, config, state, filter_fn)
+        state = handler.prepare(model, config, filter_fn)
+        try:
+            if calibration_data is not None:
+                was_training = model.training
+                model.eval()
+                try:
+                    n = 0
+                    with torch.no_grad():
+                        for batch in calibration_data:
+                            _feed(model, batch)
+                            n += 1
+                finally:
+                    model.train(was_training)
+                if n == 0:
+                    raise ValueError(f"{name}: calibration_data yielded no batch")
+            return handler.convert(model, config, state, filter_fn)
+        finally:
+            handler.release(model, state)
+    except BaseException:
+        snapshot.restore()  # rotated / folded weights and swapped modules back: the caller's model is unchanged
+        raise
     finally:
-        handler.release(model, state)
+        snapshot.discard()
 
 
 @dataclass(frozen=True)

@@ -119,20 +119,59 @@ def calibration_batches(
     return [torch.from_numpy(s.images)[None] for s in samples], [s.sample_id for s in samples]
 
 
-def manifest_calibration(path: str | Path, data: DataConfig) -> tuple[list[torch.Tensor], list[str], str]:
+def manifest_calibration(
+    path: str | Path,
+    data: DataConfig,
+    model_sha256: str | None = None,
+    image_hw: Sequence[int] | None = None,
+    allow_other_model: bool = False,
+) -> tuple[list[torch.Tensor], list[str], str]:
     """The batches and sample ids a calibration manifest (``qvggt calibrate``'s ``manifest.json``) names, and the
-    manifest's sha256 (its canonical form: what identifies the calibration set in the checkpoint's manifest)."""
+    manifest's sha256 (its canonical form: what identifies the calibration set in the checkpoint's manifest).
+
+    ``model_sha256`` / ``image_hw``: the checkpoint being quantized and its image size. The samples were selected
+    on the features of the model the manifest records (``config.model_sha256``) and are rendered at its
+    ``config.image_hw``, so a manifest made with another model is refused unless ``allow_other_model``.
+
+    Raises:
+        ValueError: not a calibration manifest, made with another model (sha256 or image size), or empty.
+    """
     from qvggt.calib.command import manifest_batches  # the calibrate verb renders its own pool
     from qvggt.calib.manifest import CalibrationManifest
 
     try:
-        sha = CalibrationManifest.read(path).sha256()
+        manifest = CalibrationManifest.read(path)
+        sha = manifest.sha256()
     except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a calibration manifest ({exc}); write one with qvggt calibrate") from exc
+    if not allow_other_model:
+        _check_manifest_model(path, manifest.config, model_sha256, image_hw)
     batches, ids = manifest_batches(path, data)
     if not batches:
         raise ValueError(f"calibration manifest {path} selects no sample; rerun qvggt calibrate")
     return batches, ids, sha
+
+
+def _check_manifest_model(
+    path: str | Path, config: Mapping[str, Any], model_sha256: str | None, image_hw: Sequence[int] | None
+) -> None:
+    """ValueError if the calibration manifest records another model (or image size) than the one quantized."""
+    fix = (
+        "recalibrate with this checkpoint (qvggt calibrate --model <it>), or use the manifest anyway "
+        "(qvggt quantize --allow-other-model; allow_other_model=True in Python)"
+    )
+    recorded = config.get("model_sha256")
+    if model_sha256 is not None and recorded is not None and recorded != model_sha256:
+        raise ValueError(
+            f"calibration manifest {path} was selected with model sha256 {recorded}, but the checkpoint being "
+            f"quantized has sha256 {model_sha256}: {fix}"
+        )
+    hw = config.get("image_hw")
+    if image_hw is not None and hw is not None and [int(v) for v in hw] != [int(v) for v in image_hw]:
+        raise ValueError(
+            f"calibration manifest {path} renders its samples at {hw[0]}x{hw[1]}, but the checkpoint being "
+            f"quantized runs at {image_hw[0]}x{image_hw[1]}: {fix}"
+        )
 
 
 def run_quantize(
@@ -150,6 +189,7 @@ def run_quantize(
     calib_manifest: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
     device: str = "cpu",
+    allow_other_model: bool = False,
 ) -> QuantizeResult:
     """Quantize ``checkpoint`` and write ``out/model.safetensors`` (+ manifest JSON).
 
@@ -160,11 +200,13 @@ def run_quantize(
     method (``rtn``) ignores ``calib_manifest`` and records no calibration, so one pipeline setting serves every
     method. ``options``: extra fields of the method's config (``make_config``), e.g. ``{"gptq": True}``.
     ``device``: where the model calibrates and quantizes ("cpu", "cuda", "cuda:1"); the checkpoint is written from
-    the CPU either way, and on CUDA the result reports the peak allocated device memory.
+    the CPU either way, and on CUDA the result reports the peak allocated device memory. ``allow_other_model``:
+    use a calibration manifest that records another model (sha256) or image size than ``checkpoint``'s.
 
     Raises:
         ValueError: unknown method or coverage, impossible formats, or a calibration manifest that is not one,
-            names another dataset, or no longer renders the same images.
+            was made with another model (unless ``allow_other_model``), names another dataset, or no longer
+            renders the same images.
         FileNotFoundError: the checkpoint or the calibration manifest does not exist.
     """
     if coverage not in {c.value for c in Coverage}:
@@ -180,6 +222,7 @@ def run_quantize(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model = load_vggt(checkpoint, device=dev)
+    base_sha = sha256_file(checkpoint)
     batches: list[torch.Tensor] = []
     ids: list[str] = []
     manifest_sha: str | None = None
@@ -189,7 +232,9 @@ def run_quantize(
 
             data = DataConfig()
         if calib_manifest is not None:
-            batches, ids, manifest_sha = manifest_calibration(calib_manifest, data)
+            batches, ids, manifest_sha = manifest_calibration(
+                calib_manifest, data, base_sha, model.cfg.default_image_hw, allow_other_model
+            )
         else:
             batches, ids = calibration_batches(data, calib_scenes, calib_frames, model.cfg.default_image_hw)
     quantize_(model, config, calibration_data=[b.to(dev) for b in batches] or None)
@@ -197,7 +242,7 @@ def run_quantize(
         model,
         config,
         Path(out) / "model.safetensors",
-        base_sha256=sha256_file(checkpoint),
+        base_sha256=base_sha,
         calibration_ids=ids,
         calibration_manifest_sha256=manifest_sha,
     )

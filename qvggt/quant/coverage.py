@@ -29,7 +29,7 @@ from torch import nn
 from qvggt.quant.config import Coverage
 from qvggt.quant.formats import Granularity, QuantFormat, coerce_enum
 
-__all__ = ["QUANTIZABLE_TYPES", "FilterFn", "LayerPlan", "plan_layers", "select_linears"]
+__all__ = ["QUANTIZABLE_TYPES", "FilterFn", "LayerPlan", "plan_layers", "select_layers", "select_linears"]
 
 # filter_fn(module, name) -> keep?  (torchao's argument order)
 FilterFn = Callable[[nn.Module, str], bool]
@@ -57,6 +57,16 @@ def select_linears(model: nn.Module, coverage: Coverage | str = Coverage.DEFAULT
         return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and _DEFAULT_RE.match(n)}
     # Exact types: a subclass may change forward (and QuantLinear is deliberately not a Linear subclass).
     return {n: m for n, m in model.named_modules() if type(m) in QUANTIZABLE_TYPES}
+
+
+def select_layers(
+    model: nn.Module, coverage: Coverage | str, filter_fn: FilterFn | None = None
+) -> dict[str, nn.Module]:
+    """``select_linears`` restricted by ``filter_fn``: the layers ``plan_layers`` plans (before overrides drop any)."""
+    selected = select_linears(model, coverage)
+    if filter_fn is not None:
+        selected = {n: m for n, m in selected.items() if filter_fn(m, n)}
+    return selected
 
 
 @dataclass(frozen=True)
@@ -121,9 +131,7 @@ def plan_layers(
             (per-token activation scales) with a warning naming them.
     """
     overrides = dict(layer_overrides or {})
-    selected = select_linears(model, coverage)
-    if filter_fn is not None:
-        selected = {n: m for n, m in selected.items() if filter_fn(m, n)}
+    selected = select_layers(model, coverage, filter_fn)
     unmatched = [k for k in overrides if k not in selected and not any(fnmatch.fnmatchcase(n, k) for n in selected)]
     if unmatched:
         example = next(iter(selected), "<none>")

@@ -65,9 +65,9 @@ from torch.utils.hooks import RemovableHandle
 from qvggt.model.layers import Block
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
 from qvggt.quant.config import QuantConfig
-from qvggt.quant.coverage import FilterFn, plan_layers, replace_module
+from qvggt.quant.coverage import FilterFn, plan_layers, replace_module, select_layers
 from qvggt.quant.formats import Granularity
-from qvggt.quant.gptq import HessianRecorder, gptq_quantize
+from qvggt.quant.gptq import HessianRecorder, gptq_quantize, uncalibrated_linears
 from qvggt.quant.hadamard import block_hadamard_transform, hadamard_transform
 from qvggt.quant.linear import QuantLinear
 from qvggt.quant.quarot import rotation_block_for
@@ -82,6 +82,7 @@ from qvggt.quant.reconstruct import (
 )
 from qvggt.quant.rtn import quantize_module
 from qvggt.quant.smooth import SmoothLayer, SmoothQuantConfig, SmoothQuantHandler, apply_smoothing_
+from qvggt.quant.snapshot import enclosing_modules
 from qvggt.quant.special_tokens import install_token_period_hook, special_format
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,11 @@ class QuantVGGTConfig(SmoothQuantConfig):
         recon_batch: calibration batches per optimizer step.
         recon_seed: seed of the batch order.
         recon_time_budget_s: seconds for all blocks together (None: no limit; the default keeps ``qvggt quantize``
-            on the small model within about a minute on 2 CPU cores).
+            on the small model within about a minute on 2 CPU cores). A budget that binds stops blocks after a
+            machine-dependent number of steps, so the checkpoint is not reproducible (a warning says how many
+            blocks it cut short; the manifest's ``quant_report`` has every block's steps run / planned and whether
+            it kept its learned parameters). None is the reproducible choice: the same config, seed and
+            calibration data give the same checkpoint (on the same torch build and device).
         recon_max_memory_mb: bound on the activations reconstruction caches (four copies of one block's input);
             calibration batches beyond it are left out of reconstruction (with a warning).
         recon_quant_inputs: train each block on the quantized previous blocks' outputs (OmniQuant), else on the
@@ -127,14 +132,25 @@ class QuantVGGTConfig(SmoothQuantConfig):
         special_token_abits: activation bits of the camera/register tokens' rows in the aggregator blocks' Linears
             when the layer's activation format has fewer (``qvggt.quant.special_tokens``): those rows carry the
             massive channels and feed the camera head; 8 bits on them is free on the engine (int4-grid activations
-            are stored as int8 codes). None: no special rows (the ablation).
+            are stored as int8 codes). None: no special rows (the ablation). The rows only ever get more bits than
+            the layer: equal bits are a no-op (the default 8 at A8), fewer are refused when quantizing.
         smooth: fold the channel smoothing (``smooth_layers``); False is the "without smoothing" ablation
             (rotations and fine-grained scales only; reconstruction then learns the weight clipping alone).
     """
 
     HANDLER_MODULE: ClassVar[str | None] = "qvggt.quant.dsfq"
-    # Checkpoints written before recon_holdout existed were accepted on their training batches: read them so.
-    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {"recon_holdout": 0.0}
+    # What a stored config lacking a field was made with: the behaviour before the field existed (git history of
+    # this file), not today's default, so an old checkpoint's manifest reads back as what produced it.
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "norm_input_rotation": False,  # 1d27700: qkv/fc1 inputs were never rotated before
+        "gptq": False,  # 1d27700: RTN weights before
+        "gptq_damp": 0.01,  # 1d27700: unused without gptq
+        "reconstruct": False,  # 43967fb: no reconstruction before (today's None means on with RTN weights)
+        "recon_special_weight": None,  # c03bffa: the plain MSE before
+        "special_token_abits": None,  # ee96fcd: no special-token rows before
+        "smooth": True,  # ee96fcd: always smoothed before
+        "recon_holdout": 0.0,  # e135ea3: accepted on the training batches before
+    }
 
     head_rotation: bool = True
     fc2_rotation_block: int = 128
@@ -234,7 +250,12 @@ def _blocks(model: nn.Module) -> dict[str, Block]:
 def special_rows_plan(model: nn.Module, plans: dict[str, Any], bits: int | None) -> dict[str, Any]:
     """Planned Linears of the aggregator's frame/global blocks whose special-token rows get ``bits``-bit
     activations: name -> the rows' format. Only where the layer's activations are int per token with fewer bits
-    (other heads' tokens are not laid out per frame; 8-bit or fp8 layers have nothing to gain)."""
+    (other heads' tokens are not laid out per frame; 8-bit or fp8 layers have nothing to gain).
+
+    Raises:
+        ValueError: ``bits`` below such a layer's activation bits: the rows would silently keep the layer's
+            grid, which is never what asking for fewer bits on them meant (equal bits are a plain no-op).
+    """
     if bits is None or getattr(getattr(model, "aggregator", None), "patch_start_idx", 0) <= 0:
         return {}
     out = {}
@@ -242,9 +263,33 @@ def special_rows_plan(model: nn.Module, plans: dict[str, Any], bits: int | None)
         parts = name.split(".")
         act = plan.activation
         in_agg = "aggregator" in parts and ("frame_blocks" in parts or "global_blocks" in parts)
-        if in_agg and act is not None and not act.is_float and act.bits < bits:
+        if not in_agg or act is None or act.is_float:
+            continue
+        if act.bits > bits:
+            raise ValueError(
+                f"QuantVGGTConfig.special_token_abits={bits} is below the {act.bits}-bit activations of {name} "
+                f"({act.name}): special-token rows only ever get more bits than their layer; use a value above "
+                f"{act.bits} (at most 8), or None for no special rows"
+            )
+        if act.bits < bits:
             out[name] = special_format(act, bits)
     return out
+
+
+def _check_fc2_rotation(model: nn.Module, plans: dict[str, Any], block: int) -> None:
+    """ValueError unless ``block`` (``fc2_rotation_block``) divides the width of every planned Block's fc2."""
+    if not block:
+        return
+    widths = {int(m.mlp.fc2.in_features) for n, m in _blocks(model).items() if f"{n}.mlp.fc2" in plans}
+    bad = sorted(w for w in widths if w % block)
+    if bad:
+        g = math.gcd(*widths)
+        top = g & -g  # the largest power of two dividing every width
+        choices = "0 (no rotation)" + (f" or a power of two from 2 to {top}" if top >= 2 else "")
+        raise ValueError(
+            f"QuantVGGTConfig.fc2_rotation_block={block} does not divide the input width of the planned fc2 layers "
+            f"(widths {bad} of {sorted(widths)}): use {choices}"
+        )
 
 
 @torch.no_grad()
@@ -303,6 +348,8 @@ class QuantVGGTHandler(QuantizeHandler):
         hooks: list[RemovableHandle] = []
         online: dict[str, int] = {}
         smooth_config = config
+        _check_fc2_rotation(model, plans, config.fc2_rotation_block)
+        special = special_rows_plan(model, plans, config.special_token_abits)
         try:
             for name, block in _blocks(model).items():
                 planned = {n[len(name) + 1 :] for n in plans if n.startswith(name + ".")}
@@ -310,7 +357,7 @@ class QuantVGGTHandler(QuantizeHandler):
                     rotate_heads_(block)
                 fc2 = block.mlp.fc2
                 b = config.fc2_rotation_block
-                if b and "mlp.fc2" in planned and fc2.in_features % b == 0:
+                if b and "mlp.fc2" in planned:  # divides the width: _check_fc2_rotation
                     hooks.append(rotate_fc2_input_(fc2, b))
                     online[f"{name}.mlp.fc2"] = b
                 if config.norm_input_rotation:
@@ -338,7 +385,6 @@ class QuantVGGTHandler(QuantizeHandler):
             chain = chain_blocks(model, plans) if config.reconstructs else {}
             if chain:
                 blocks = BlockInputRecorder(chain, config.recon_max_memory_mb * 2**20).attach()
-            special = special_rows_plan(model, plans, config.special_token_abits)
         except Exception:
             for h in hooks:
                 h.remove()
@@ -352,8 +398,9 @@ class QuantVGGTHandler(QuantizeHandler):
         self.release(model, state)
         smooth = state.smooth
         scales, clip = self.learn_and_fold_(model, config, state)
+        missing = uncalibrated_linears(state.hessians, smooth.plans) if state.hessians is not None else set()
         for name, plan in smooth.plans.items():  # plan.module is the (now rotated and smoothed) float Linear
-            if state.hessians is not None and isinstance(plan.module, nn.Linear):
+            if state.hessians is not None and isinstance(plan.module, nn.Linear) and name not in missing:
                 h = state.hessians.hessian(name)
                 del state.hessians.sums[name]
                 if name in scales:  # input x / s: Hessian diag(1/s) H diag(1/s)
@@ -384,6 +431,8 @@ class QuantVGGTHandler(QuantizeHandler):
                 assert isinstance(q, QuantLinear), f"{name} was planned but not quantized"
                 q.set_special_rows(count, fmt)
             install_token_period_hook(model)
+        if state.recon is not None:  # what save_quantized writes into the manifest's quant_report
+            model.qvggt_quant_report = {"reconstruction": state.recon.to_dict()}
         return model
 
     def learn_and_fold_(
@@ -419,6 +468,13 @@ class QuantVGGTHandler(QuantizeHandler):
         rest = {n: t for n, t in targets.items() if n not in scales}
         scales.update(apply_smoothing_(rest, absmax, config.alpha))
         return scales, clip
+
+    def modifies_in_place(
+        self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    ) -> list[nn.Module]:
+        """The Blocks holding a selected Linear: rotations and smoothing fold into their weights and LayerNorms."""
+        assert isinstance(config, QuantVGGTConfig)
+        return enclosing_modules(model, select_layers(model, config.coverage, filter_fn), Block)
 
     def release(self, model: nn.Module, state: Any) -> None:
         if isinstance(state, _DSFQState):

@@ -27,7 +27,11 @@ Calibration: ``prepare`` puts a forward pre-hook on every planned Linear accumul
 (never the activations). Hessians are collected for all layers in one pass over the calibration data, on the
 full-precision model (not layer by layer on the partly quantized one, as the paper's sequential variant does):
 one forward per batch instead of one per block. Memory is K^2 floats per layer (vggt-1b, default coverage: 48 x
-(3 x 1024^2 + 4096^2) x 4 B = 3.8 GB). Convolutions (``coverage="full"``) are quantized with RTN.
+(3 x 1024^2 + 4096^2) x 4 B = 3.8 GB). Convolutions (``coverage="full"``) are quantized with RTN, and so are
+Linears that never ran on the calibration data (with a warning naming them): under ``coverage="full"`` the track
+head's 19 Linears, because calibration batches carry no query points, so the tracker never runs. That is what
+SmoothQuant and quantvggt do with every layer they have no statistics for (weights that need no calibration are
+RTN's), so a full-coverage run works with every calibrated method.
 
 With ``rotate=True`` every planned Linear's input is first rotated by an online block Hadamard exactly as
 ``quarot`` does (``qvggt.quant.quarot``), and the Hessians are those of the rotated inputs: QuaRot + GPTQ.
@@ -37,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -50,11 +56,11 @@ from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_modul
 from qvggt.quant.formats import Granularity, QuantFormat
 from qvggt.quant.linear import QuantLinear
 from qvggt.quant.quantizer import compute_scales, fake_quantize, mse_clip_search
-from qvggt.quant.quarot import _check_rotation_cap, mark_online_rotations, rotate_planned_inputs_
+from qvggt.quant.quarot import _check_rotation_cap, mark_online_rotations, rotate_planned_inputs_, rotated_in_place
 from qvggt.quant.recorder import InputRecorder
 from qvggt.quant.rtn import quantize_module
 
-__all__ = ["GPTQConfig", "GPTQHandler", "HessianRecorder", "gptq_quantize"]
+__all__ = ["GPTQConfig", "GPTQHandler", "HessianRecorder", "gptq_quantize", "uncalibrated_linears"]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -249,6 +255,20 @@ class HessianRecorder(InputRecorder):
         return self.sums[name] / self.tokens[name]
 
 
+def uncalibrated_linears(recorder: HessianRecorder, plans: Mapping[str, LayerPlan]) -> set[str]:
+    """Planned Linears without Hessians (they never ran on the calibration data): quantized with RTN instead, with
+    a warning naming them (module docstring)."""
+    missing = [n for n, p in plans.items() if isinstance(p.module, nn.Linear) and n not in recorder.sums]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f", ... ({len(missing) - 6} more)" if len(missing) > 6 else "")
+        warnings.warn(
+            f"GPTQ: {len(missing)} planned Linear(s) never ran on the calibration data, so they have no Hessian and "
+            f"are quantized with RTN instead: {shown} (the track head runs only with query points)",
+            stacklevel=4,
+        )
+    return set(missing)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # handler
 
@@ -280,15 +300,9 @@ class GPTQHandler(QuantizeHandler):
     ) -> nn.Module:
         assert isinstance(config, GPTQConfig) and isinstance(state, _GPTQState)
         self.release(model, state)
-        missing = [
-            n for n, p in state.plans.items() if isinstance(p.module, nn.Linear) and n not in state.recorder.sums
-        ]
-        if missing:
-            raise ValueError(
-                f"no calibration statistics for {len(missing)} layer(s) (e.g. {missing[0]}): did they run?"
-            )
+        missing = uncalibrated_linears(state.recorder, state.plans)
         for name, plan in state.plans.items():
-            if not isinstance(plan.module, nn.Linear):
+            if not isinstance(plan.module, nn.Linear) or name in missing:
                 replace_module(model, name, quantize_module(plan, config.clip_search))
                 continue
             h = state.recorder.hessian(name)
@@ -303,6 +317,12 @@ class GPTQHandler(QuantizeHandler):
             replace_module(model, name, new)
         mark_online_rotations(model, state.rotations)
         return model
+
+    def modifies_in_place(
+        self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    ) -> list[nn.Module]:
+        assert isinstance(config, GPTQConfig)
+        return rotated_in_place(model, config, filter_fn) if config.rotate else []
 
     def release(self, model: nn.Module, state: Any) -> None:
         if isinstance(state, _GPTQState):

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from qvggt.quant.api import QuantizeHandler, register_quantize_handler
 from qvggt.quant.config import QuantConfig, RTNConfig
-from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
+from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module, select_layers
 from qvggt.quant.hadamard import block_hadamard_transform
 from qvggt.quant.linear import QuantLinear
 from qvggt.quant.rtn import quantize_module
@@ -49,6 +49,7 @@ __all__ = [
     "mark_online_rotations",
     "rotate_input_online_",
     "rotate_planned_inputs_",
+    "rotated_in_place",
     "rotation_block_for",
 ]
 
@@ -105,7 +106,8 @@ def rotate_planned_inputs_(plans: dict[str, LayerPlan], cap: int = 0) -> tuple[l
 
     Returns:
         (hook handles, {layer name: block size}) for the rotated layers. On an error every hook already added is
-        removed (the weights stay rotated: the caller's model is being quantized and is not reusable anyway).
+        removed; the rotated weights are put back by ``quantize_`` (the handlers list the rotated Linears in
+        ``modifies_in_place``, see ``rotated_in_place``).
     """
     hooks: list[RemovableHandle] = []
     blocks: dict[str, int] = {}
@@ -122,6 +124,11 @@ def rotate_planned_inputs_(plans: dict[str, LayerPlan], cap: int = 0) -> tuple[l
             h.remove()
         raise
     return hooks, blocks
+
+
+def rotated_in_place(model: nn.Module, config: RTNConfig, filter_fn: FilterFn | None = None) -> list[nn.Module]:
+    """The Linears ``rotate_planned_inputs_`` may rotate in place for ``config`` (its selected ``nn.Linear``s)."""
+    return [m for m in select_layers(model, config.coverage, filter_fn).values() if isinstance(m, nn.Linear)]
 
 
 def mark_online_rotations(model: nn.Module, blocks: dict[str, int]) -> None:
@@ -169,3 +176,9 @@ class QuaRotHandler(QuantizeHandler):
             for h in state.hooks:
                 h.remove()
             state.hooks.clear()
+
+    def modifies_in_place(
+        self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    ) -> list[nn.Module]:
+        assert isinstance(config, QuaRotConfig)
+        return rotated_in_place(model, config, filter_fn)

@@ -47,7 +47,14 @@ bounded by ``max_memory_mb`` (calibration
 batches beyond the bound are left out of reconstruction, with a warning). Time: ``time_budget_s`` is shared by the
 blocks on a cumulative schedule (block i must finish by start + budget * (i + 1) / n); each block always gets its
 evaluation passes, and the training steps stop when the next step would overrun. Under a binding budget the
-number of steps depends on the machine's speed, so only an epoch-bound run is reproducible bit for bit.
+number of steps depends on the machine's speed, so only an epoch-bound run is reproducible bit for bit: with
+``time_budget_s=None`` (no limit) the same config, seed and calibration data give the same checkpoint. A binding
+budget is reported: a warning counts the blocks it cut short, and each ``BlockReport`` (which the checkpoint
+manifest keeps, ``ReconstructionResult.to_dict``) holds the steps run and planned and whether the block kept its
+learned parameters.
+
+Every calibration batch must have the same tokens per frame (one image size): the special-token rows and the
+objective's token mask are laid out per frame (``BlockInputRecorder.check`` refuses mixed sizes).
 """
 
 from __future__ import annotations
@@ -138,14 +145,21 @@ class ReconSettings:
 class BlockReport:
     """One block's reconstruction: losses (mean squared error against the float block's output on the acceptance
     batches: the held-out ones, or all when none is held out) at the initial point and with the learned parameters,
-    whether these were kept, steps and seconds."""
+    whether these were kept, optimizer steps run and planned (epochs x steps per epoch; fewer run when the time
+    budget cut the block short, 0 planned for a block with nothing to learn) and seconds."""
 
     name: str
     loss_init: float
     loss_learned: float
     kept: bool
     steps: int
+    planned_steps: int
     seconds: float
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the time budget stopped this block's training before its planned steps."""
+        return self.steps < self.planned_steps
 
 
 @dataclass
@@ -159,6 +173,7 @@ class ReconstructionResult:
         blocks: per-block reports, in order.
         seconds: wall time of the whole reconstruction.
         heldout: calibration batches held out of training for the acceptance test (0: it ran on the training ones).
+        time_budget_s: the budget it ran under (None: no limit).
     """
 
     scales: dict[str, Tensor] = field(default_factory=dict)
@@ -166,6 +181,33 @@ class ReconstructionResult:
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
     heldout: int = 0
+    time_budget_s: float | None = None
+
+    @property
+    def cut_short(self) -> list[BlockReport]:
+        """The blocks whose training the time budget stopped early."""
+        return [b for b in self.blocks if b.cut_short]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record the checkpoint manifest keeps: per block its steps run / planned, whether it kept its
+        learned parameters, and its losses. No timings: they would make two identical runs' manifests differ."""
+        return {
+            "time_budget_s": self.time_budget_s,
+            "heldout_batches": self.heldout,
+            "blocks_kept": sum(b.kept for b in self.blocks),
+            "blocks_cut_short": len(self.cut_short),
+            "blocks": [
+                {
+                    "name": b.name,
+                    "steps": b.steps,
+                    "planned_steps": b.planned_steps,
+                    "kept": b.kept,
+                    "loss_init": b.loss_init,
+                    "loss_learned": b.loss_learned,
+                }
+                for b in self.blocks
+            ],
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +282,7 @@ class BlockInputRecorder(HookSet):
         self._last = None
 
     def check(self) -> None:
-        """Raise ValueError unless every block ran once per kept batch, in a chain."""
+        """Raise ValueError unless every block ran once per kept batch, in a chain, on one image size."""
         if not self.inputs:
             raise ValueError("reconstruction: the aggregator blocks never ran on the calibration data")
         if self.broken is not None:
@@ -252,6 +294,13 @@ class BlockInputRecorder(HookSet):
         bad = [k for k in self.blocks if len(self.extras[k]) != n]
         if bad or len(self.order) != len(self.blocks):
             raise ValueError(f"reconstruction: blocks {bad or self.order} did not run once per calibration batch")
+        # The first block sees one frame's tokens per sequence: special-token rows are laid out by that period.
+        per_frame = sorted({s[-2] for s in self.shapes[self.order[0]]})
+        if len(per_frame) > 1:
+            raise ValueError(
+                f"reconstruction: the calibration batches have different tokens per frame ({per_frame}: mixed image "
+                "sizes); give every calibration batch the same image size, or set reconstruct=False"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,24 +406,27 @@ def _run(block: Block, xs: list[Tensor], extras: list[tuple[tuple[Any, ...], dic
 
 @dataclass(frozen=True)
 class _Objective:
-    """Mean squared error of a block's output; with ``special`` (token mask [N] of the camera/register tokens),
-    the patch tokens' mean plus ``weight`` times the special tokens' mean, so that the few tokens the camera head
-    reads are not drowned by the patch tokens (5 of 86 per frame on the small model)."""
+    """Mean squared error of a block's output; with ``special`` > 0 (camera/register tokens at the start of every
+    ``per_frame`` tokens), the patch tokens' mean plus ``weight`` times the special tokens' mean, so that the few
+    tokens the camera head reads are not drowned by the patch tokens (5 of 86 per frame on the small model). The
+    token mask follows each output's length, so batches with different frame counts are scored right."""
 
-    special: Tensor | None = None
+    per_frame: int = 0
+    special: int = 0
     weight: float = 1.0
 
     def __call__(self, out: Tensor, target: Tensor) -> Tensor:
-        if self.special is None:
+        if not self.special:
             return F.mse_loss(out, target)
         d = (out - target).square().mean(dim=-1)  # [..., N]
-        return d[..., ~self.special].mean() + self.weight * d[..., self.special].mean()
+        mask = torch.arange(d.shape[-1], device=d.device) % self.per_frame < self.special
+        return d[..., ~mask].mean() + self.weight * d[..., mask].mean()
 
     @staticmethod
-    def for_tokens(n: int, per_frame: int, special: int, weight: float | None, device: torch.device) -> _Objective:
+    def for_tokens(per_frame: int, special: int, weight: float | None) -> _Objective:
         if weight is None or not special:
             return _Objective()
-        return _Objective(torch.arange(n, device=device) % per_frame < special, weight)
+        return _Objective(per_frame, special, weight)
 
 
 def _loss(
@@ -412,6 +464,7 @@ class _BlockRun:
     loss_learned: float
     kept: bool
     steps: int
+    planned: int
     fp_out: list[Tensor]
     q_out: list[Tensor]
 
@@ -485,7 +538,7 @@ def _train_block(
                 w.log_s.copy_(log_s)  # type: ignore[union-attr]
         for w in wrappers.values():
             w.use_clip = False
-    return _BlockRun(loss_init, loss_learned, kept, steps, fp_out, q_out if settings.quant_inputs else fp_out)
+    return _BlockRun(loss_init, loss_learned, kept, steps, planned, fp_out, q_out if settings.quant_inputs else fp_out)
 
 
 def reconstruct_blocks(
@@ -520,7 +573,7 @@ def reconstruct_blocks(
     """
     _warm_up(plans)
     start = time.perf_counter()
-    result = ReconstructionResult()
+    result = ReconstructionResult(time_budget_s=settings.time_budget_s)
     names = recorder.order
     gen = torch.Generator().manual_seed(settings.seed)
     fp_in, recorder.inputs = recorder.inputs, []  # from here on, only the current block's activations are held
@@ -572,8 +625,7 @@ def reconstruct_blocks(
                 proj.divided_upstream = True
             _swap(block, name, wrappers)
             try:
-                n = shapes[0][-2]  # tokens per sequence: one frame (frame block) or all frames (global block)
-                objective = _Objective.for_tokens(n, per_frame, special_tokens, settings.special_weight, q_in[0].device)
+                objective = _Objective.for_tokens(per_frame, special_tokens, settings.special_weight)
                 run = _train_block(
                     block, wrappers, fp_in, q_in, extras, (train, accept), settings, deadline, gen, objective
                 )
@@ -587,7 +639,9 @@ def reconstruct_blocks(
                 if run.kept:
                     result.clip[full] = torch.sigmoid(w.clip_logit.detach())
             result.blocks.append(
-                BlockReport(name, run.loss_init, run.loss_learned, run.kept, run.steps, time.perf_counter() - t0)
+                BlockReport(
+                    name, run.loss_init, run.loss_learned, run.kept, run.steps, run.planned, time.perf_counter() - t0
+                )
             )
             best = min(run.loss_init, run.loss_learned)
             bar.set_postfix_str(f"{name.split('.', 1)[-1]} mse {run.loss_init:.3g} -> {best:.3g}")
@@ -597,7 +651,26 @@ def reconstruct_blocks(
             p.requires_grad_(flag)
         model.train(was_training)
     result.seconds = time.perf_counter() - start
+    warn_cut_short(result)
     return result
+
+
+def warn_cut_short(result: ReconstructionResult) -> None:
+    """Say how many blocks the time budget cut short: their steps (so the checkpoint) depend on the machine's
+    speed, and a block that ran no step silently keeps its initial point."""
+    short = result.cut_short
+    if not short:
+        return
+    idle = sum(b.steps == 0 for b in short)
+    warnings.warn(
+        f"reconstruction: recon_time_budget_s={result.time_budget_s:g} cut {len(short)} of {len(result.blocks)} "
+        f"blocks short ({sum(b.steps for b in short)} of {sum(b.planned_steps for b in short)} planned steps run"
+        + (f"; {idle} ran none and kept their initial point" if idle else "")
+        + "): the result depends on this machine's speed and is not reproducible; set recon_time_budget_s=None "
+        "(no limit) for a reproducible run, or raise the budget. The checkpoint manifest's quant_report lists the "
+        "steps of every block",
+        stacklevel=4,
+    )
 
 
 def _warm_up(plans: Mapping[str, LayerPlan]) -> None:

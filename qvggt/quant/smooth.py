@@ -62,11 +62,12 @@ from qvggt.quant.config import (
     _check_granularity,
     coerce_format,
 )
-from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module
+from qvggt.quant.coverage import FilterFn, LayerPlan, plan_layers, replace_module, select_layers
 from qvggt.quant.fold import smooth_into_layernorm_, smooth_into_qkv_v_
 from qvggt.quant.formats import QuantFormat, coerce_enum
 from qvggt.quant.recorder import InputRecorder
 from qvggt.quant.rtn import quantize_module
+from qvggt.quant.snapshot import enclosing_modules
 
 __all__ = [
     "SCALE_RANGE",
@@ -397,3 +398,10 @@ class SmoothQuantHandler(QuantizeHandler):
     def release(self, model: nn.Module, state: Any) -> None:
         if isinstance(state, _SmoothState):
             state.recorder.remove()
+
+    def modifies_in_place(
+        self, model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None
+    ) -> list[nn.Module]:
+        """The Blocks holding a selected Linear: smoothing folds into their LayerNorms, V rows and weights."""
+        assert isinstance(config, SmoothQuantConfig)
+        return enclosing_modules(model, select_layers(model, config.coverage, filter_fn), Block)

@@ -92,3 +92,25 @@ def test_options_reach_the_checkpoint(tmp_path: Path) -> None:
     loaded = load_quantized(result.path)
     assert dict(loaded.named_modules())["aggregator.global_blocks.1.mlp.fc1"].input_hadamard == 64
     assert isinstance(dict(loaded.named_modules())["aggregator.global_blocks.1.mlp.fc1"], QuantLinear)
+
+
+def test_an_fc2_rotation_block_that_does_not_divide_the_mlp_width_is_refused(outlier_model) -> None:
+    model, calib, _ = outlier_model
+    m = copy.deepcopy(model)
+    config = make_config("quantvggt", 4, 4, None, "default", False, {"fc2_rotation_block": 512, "reconstruct": False})
+    with pytest.raises(ValueError, match=r"fc2_rotation_block=512 .*\[256\].* power of two from 2 to 256"):
+        quantize_(m, config, calibration_data=calib)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    ok = make_config("quantvggt", 4, 4, None, "default", False, {"fc2_rotation_block": 256, "reconstruct": False})
+    q = quantize_(copy.deepcopy(model), ok, calibration_data=calib)
+    assert q.aggregator.frame_blocks[0].mlp.fc2.input_hadamard == 256
+
+
+def test_special_token_bits_below_the_activation_bits_are_refused_equal_ones_are_a_no_op(outlier_model) -> None:
+    model, calib, _ = outlier_model
+    below = make_config("quantvggt", 4, 8, None, "default", False, {"special_token_abits": 6, "reconstruct": False})
+    with pytest.raises(ValueError, match=r"special_token_abits=6 is below the 8-bit activations"):
+        quantize_(copy.deepcopy(model), below, calibration_data=calib)
+    equal = make_config("quantvggt", 4, 8, None, "default", False, {"reconstruct": False})  # the default 8 at A8
+    q = quantize_(copy.deepcopy(model), equal, calibration_data=calib)
+    assert not any(getattr(x, "special_tokens", 0) for x in q.modules())

@@ -130,3 +130,29 @@ def test_quantize_cli_job_takes_method_bits_and_options_from_params(tiny_ckpt: P
     assert res.exit_code == 1 and "drop ['--wbits']" in res.output and not (tmp_path / "bad").exists()
     res = runner.invoke(app, [*base, "--job", "gptq-w4a8", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 1 and "rtn-w8a8" in res.output
+
+
+def test_bf16_checkpoint_keeps_its_compression_after_loading(tmp_path: Path) -> None:
+    """Layers are rebuilt in float32 on load: their original dtype comes from the manifest (or, for manifests
+    written before it was recorded, from the stored float tensors), so the "before" bytes are bf16's."""
+    from safetensors.torch import load_file, save_file
+
+    from qvggt.quant.api import quantization_summary
+    from qvggt.quant.export import MANIFEST_KEY
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).to(torch.bfloat16).eval()
+    config = RTNConfig(weight="int4-sym-channel", activation="int8-sym-token", coverage="full")
+    quantize_(model, config)
+    want = quantization_summary(model)
+    path = save_quantized(model, config, tmp_path / "q.safetensors")
+    assert set(read_manifest(path)["orig_dtype"].values()) == {"bfloat16"}
+    loaded = load_quantized(path)
+    assert quantization_summary(loaded) == want and quantization_summary(loaded).compression == want.compression
+    assert read_manifest(save_quantized(loaded, config, tmp_path / "again.safetensors"))["summary"]["compression"] == (
+        want.compression
+    )
+    old = read_manifest(path)
+    del old["orig_dtype"]  # as written before the field: bias dtype, or the stored float tensors' for bias-less layers
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={MANIFEST_KEY: json.dumps(old)})
+    assert quantization_summary(load_quantized(tmp_path / "old.safetensors")) == want

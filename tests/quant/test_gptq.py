@@ -153,3 +153,29 @@ def test_rotated_gptq_records_its_online_rotations() -> None:
     rotated = {n: m.input_hadamard for n, m in q.named_modules() if isinstance(m, QuantLinear)}
     assert rotated and all(b > 0 for b in rotated.values())  # tiny: widths 64 / 256, powers of two
     assert make_config("gptq", 4, 8, None, "default", False) == GPTQConfig(weight=w, activation=a)
+
+
+@pytest.mark.parametrize(("method", "options"), [("gptq", {}), ("quantvggt", {"gptq": True})])
+def test_full_coverage_quantizes_layers_that_never_ran_with_rtn_and_names_them(method: str, options: dict) -> None:
+    """Calibration carries no query points, so the tracker never runs: its Linears get RTN (as SmoothQuant and
+    quantvggt give every layer they have no statistics for), with a warning naming them."""
+    torch.manual_seed(0)
+    model = load_vggt(preset="tiny").eval()
+    calib = [torch.rand(1, 2, 3, 56, 84, generator=torch.Generator().manual_seed(6))]
+    config = make_config(method, 4, 8, None, "full", False, options)
+    with pytest.warns(UserWarning, match=r"19 planned Linear\(s\) never ran .* RTN instead: track_head\.tracker"):
+        q = quantize_(copy.deepcopy(model), config, calibration_data=calib)
+    name = "track_head.tracker.corr_mlp.fc1"
+    got, fp = q.get_submodule(name), model.get_submodule(name)
+    assert isinstance(got, QuantLinear)
+    rtn = QuantLinear.from_float(fp, got.weight_fmt, got.act_fmt)
+    assert torch.equal(got.dequantized_weight(), rtn.dequantized_weight())
+    assert not any(type(m) is nn.Linear for m in q.modules())  # every Linear of the model is quantized
+
+
+def test_full_coverage_gptq_from_the_quantize_command(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "base.safetensors")
+    with pytest.warns(UserWarning, match="never ran on the calibration data"):
+        result = run_quantize("gptq", 4, 8, tmp_path / "q", base, coverage="full", calib_scenes=1, calib_frames=2)
+    assert read_manifest(result.path)["quant_config"]["coverage"] == "full"

@@ -50,3 +50,44 @@ def test_bad_manifests_are_refused(tiny_and_manifest, tmp_path: Path) -> None:
     bogus.write_text('{"format": "something-else"}')
     with pytest.raises(ValueError, match="not a calibration manifest"):
         run_quantize("smoothquant", 8, 8, tmp_path / "q", base, calib_manifest=bogus)
+
+
+def test_a_manifest_selected_with_another_model_is_refused_unless_allowed(tiny_and_manifest, tmp_path: Path) -> None:
+    import json
+
+    from qvggt.io import sha256_file
+
+    base, manifest_path, sha = tiny_and_manifest
+    torch.manual_seed(1)
+    other = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "other.safetensors")  # same shape, other weights
+    recorded = json.loads(Path(manifest_path).read_text())["config"]["model_sha256"]
+    assert recorded == sha256_file(base) != sha256_file(other)
+    with pytest.raises(ValueError, match=rf"selected with model sha256 {recorded}.*{sha256_file(other)}.*calibrate"):
+        run_quantize("smoothquant", 8, 8, tmp_path / "q", other, calib_manifest=manifest_path)
+    result = run_quantize(
+        "smoothquant", 8, 8, tmp_path / "q", other, calib_manifest=manifest_path, allow_other_model=True
+    )
+    assert read_manifest(result.path)["calibration"]["manifest_sha256"] == sha
+    # A manifest without the model's hash is still checked on its image size (vggt-1b runs at 518, not 126).
+    doc = json.loads(Path(manifest_path).read_text())
+    del doc["config"]["model_sha256"]
+    doc["config"]["image_hw"] = [518, 392]
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"renders its samples at 518x392.*runs at 126x126"):
+        run_quantize("smoothquant", 8, 8, tmp_path / "q", base, calib_manifest=odd)
+
+
+def test_cli_names_the_override_and_takes_it(tiny_and_manifest, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qvggt.cli import app
+
+    _, manifest_path, _ = tiny_and_manifest
+    torch.manual_seed(2)
+    other = save_checkpoint(load_vggt(preset="tiny"), tmp_path / "other.safetensors")
+    args = ["quantize", "--method", "smoothquant", "--model", str(other), "--calib-manifest", str(manifest_path)]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "--allow-other-model" in refused.output and "calibrate --model" in refused.output
+    allowed = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--allow-other-model"])
+    assert allowed.exit_code == 0, allowed.output

@@ -8,6 +8,8 @@ import copy
 import math
 import time
 import types
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +22,9 @@ from qvggt.quant.api import _feed, quantize_
 from qvggt.quant.command import make_config, reconstruction_options
 from qvggt.quant.config import config_from_dict, weight_activation_formats
 from qvggt.quant.dsfq import QuantVGGTConfig, QuantVGGTHandler
+from qvggt.quant.export import load_quantized, read_manifest, save_quantized
 from qvggt.quant.hadamard import block_hadamard_transform
+from qvggt.quant.linear import QuantLinear
 from qvggt.quant.reconstruct import BlockInputRecorder, _Objective, chain_blocks
 
 W4A4 = dict(zip(("weight", "activation"), weight_activation_formats(4, 4), strict=True))
@@ -136,7 +140,8 @@ def test_time_budget_is_respected(planted, monkeypatch: pytest.MonkeyPatch) -> N
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, state, _ = _folded(model, calib, config)
+        with pytest.warns(UserWarning, match="cut 8 of 8 blocks short"):
+            _, state, _ = _folded(model, calib, config)
     finally:
         torch.set_num_threads(threads)
     report = state.recon
@@ -198,12 +203,12 @@ def test_settings_round_trip_through_the_config_dict() -> None:
 def test_special_token_objective_weighs_camera_and_register_tokens() -> None:
     gen = torch.Generator().manual_seed(0)
     out, target = torch.randn(2, 12, 4, generator=gen), torch.randn(2, 12, 4, generator=gen)
-    objective = _Objective.for_tokens(12, per_frame=6, special=2, weight=3.0, device=out.device)
+    objective = _Objective.for_tokens(per_frame=6, special=2, weight=3.0)
     d = (out - target).square().mean(-1)  # [2, 12]: tokens 0, 1, 6, 7 are special (two frames of six)
     special = d[:, [0, 1, 6, 7]].mean()
     patch = d[:, [2, 3, 4, 5, 8, 9, 10, 11]].mean()
     assert torch.allclose(objective(out, target), patch + 3.0 * special)
-    plain = _Objective.for_tokens(12, per_frame=6, special=2, weight=None, device=out.device)
+    plain = _Objective.for_tokens(per_frame=6, special=2, weight=None)
     assert torch.allclose(plain(out, target), (out - target).square().mean())
 
 
@@ -278,3 +283,63 @@ def test_checkpoints_from_before_the_holdout_read_back_as_made() -> None:
     assert config_from_dict(stored).recon_holdout == 0.0  # accepted on its training batches, as it was
     assert QuantVGGTConfig().recon_holdout == 0.25
     assert config_from_dict(QuantVGGTConfig().to_dict()).recon_holdout == 0.25
+
+
+def test_a_binding_budget_warns_and_the_manifest_records_every_blocks_steps(planted, tmp_path: Path) -> None:
+    model, calib, _ = planted
+    config = _config(recon_epochs=3, recon_time_budget_s=1e-3)  # over before the first block's first step
+    with pytest.warns(UserWarning, match=r"recon_time_budget_s=0.001 cut 8 of 8 blocks short.*=None"):
+        q = quantize_(copy.deepcopy(model), config, calibration_data=calib)
+    path = save_quantized(q, config, tmp_path / "q.safetensors")
+    report = read_manifest(path)["quant_report"]["reconstruction"]
+    assert report["time_budget_s"] == 1e-3 and report["blocks_cut_short"] == 8 and len(report["blocks"]) == 8
+    for block in report["blocks"]:
+        assert block["planned_steps"] == 3 * 3 and block["steps"] < block["planned_steps"], block  # 3 epochs of 3
+        assert not block["kept"] or block["steps"] > 0, block  # no step: the initial point, not a learned one
+    assert report["blocks_kept"] == sum(b["kept"] for b in report["blocks"])
+    assert load_quantized(path).qvggt_quant_report == {"reconstruction": report}  # re-saving keeps it
+
+
+def test_an_unlimited_budget_runs_every_planned_step_without_a_warning(planted, tmp_path: Path) -> None:
+    model, calib, _ = planted
+    config = _config(recon_epochs=1)  # recon_time_budget_s=None: the reproducible setting
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quantize_(copy.deepcopy(model), config, calibration_data=calib)
+    report = read_manifest(save_quantized(q, config, tmp_path / "q.safetensors"))["quant_report"]["reconstruction"]
+    assert report["blocks_cut_short"] == 0 and report["time_budget_s"] is None
+    assert all(b["steps"] == b["planned_steps"] == 3 for b in report["blocks"])
+    plain = quantize_(copy.deepcopy(model), _config(reconstruct=False), calibration_data=calib)
+    assert read_manifest(save_quantized(plain, config, tmp_path / "p.safetensors"))["quant_report"] == {}
+
+
+def test_manifests_from_before_each_field_read_back_as_they_were_made() -> None:
+    """Every field added to QuantVGGTConfig after checkpoints were written reads back, when missing, as the
+    behaviour before it existed (git history of dsfq.py), not as today's default."""
+    stored = QuantVGGTConfig(**W4A4).to_dict()  # type: ignore[arg-type]
+    for name in (
+        "norm_input_rotation", "gptq", "gptq_damp", "reconstruct", "recon_special_weight", "special_token_abits",
+        "smooth", "recon_holdout",
+    ):  # fmt: skip
+        del stored[name]
+    old = config_from_dict(stored)
+    assert old.reconstruct is False and not old.reconstructs  # no reconstruction before 43967fb (today: on)
+    assert old.special_token_abits is None  # no special-token rows before ee96fcd (today: 8)
+    assert old.recon_holdout == 0.0 and old.recon_special_weight is None
+    assert old.smooth and not old.gptq and not old.norm_input_rotation and old.gptq_damp == 0.01
+    today = QuantVGGTConfig(**W4A4)  # type: ignore[arg-type]
+    assert config_from_dict(today.to_dict()) == today  # a complete dict is read as written
+    assert today.reconstructs and today.special_token_abits == 8
+
+
+def test_mixed_image_sizes_are_refused_and_mixed_frame_counts_scored_per_batch(planted) -> None:
+    model, _, _ = planted
+    gen = torch.Generator().manual_seed(3)
+    sizes = [torch.rand(1, 2, 3, 56, 84, generator=gen), torch.rand(1, 2, 3, 70, 84, generator=gen)]
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"different tokens per frame \(\[29, 35\]: mixed image sizes\)"):
+        quantize_(m, _config(recon_epochs=1), calibration_data=sizes)
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())
+    frames = [torch.rand(1, 2, 3, 56, 84, generator=gen), torch.rand(1, 3, 3, 56, 84, generator=gen)]
+    q = quantize_(copy.deepcopy(model), _config(recon_epochs=1, recon_special_weight=2.0), calibration_data=frames)
+    assert isinstance(q.aggregator.global_blocks[0].attn.qkv, QuantLinear)
