@@ -131,11 +131,17 @@ def eval_(
     dataset: Annotated[str, typer.Option(help="synthetic[:eval], co3d:ROOT or 7scenes:ROOT.")] = "synthetic:eval",
     out: Annotated[Path, typer.Option("--out", help="Output folder (resumable).")] = Path("runs/eval"),
     frames: Annotated[int, typer.Option(help="Frames per sample.")] = 8,
-    scenes: Annotated[int, typer.Option(help="Number of samples (synthetic) or cap on them.")] = 16,
+    scenes: Annotated[
+        int, typer.Option(help="Number of samples (synthetic) or cap on them (spread round-robin over categories).")
+    ] = 16,
     baseline: Annotated[bool, typer.Option(help="Also score the identity-pose / constant-depth baseline.")] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     params: Annotated[Path, typer.Option(help="Project parameters (section `data`).")] = Path("params.yaml"),
+    categories: Annotated[
+        str | None,
+        typer.Option(help="Co3D categories: vggt (VGGT's 41, the default), all, or comma-separated names."),
+    ] = None,
 ) -> None:
     """Evaluate models on the same samples: metrics.json, scenes.jsonl and a report folder with plots."""
     from qvggt.config import load_config
@@ -144,8 +150,13 @@ def eval_(
 
     try:
         _check_device(device)
+        if categories is not None and not dataset.lower().startswith("co3d:"):
+            raise ValueError(f"--categories applies to co3d:ROOT datasets only, not {dataset!r}")
+        options = None if categories is None else {"categories": categories}
         data = load_config(params).data
-        result = run_eval(model, compare or [], dataset, out, frames, scenes, baseline, dtype, device, data)
+        result = run_eval(
+            model, compare or [], dataset, out, frames, scenes, baseline, dtype, device, data, dataset_options=options
+        )
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         _fail(exc)
     typer.echo(format_table(result))
@@ -180,6 +191,9 @@ def quantize(
         typer.Option(help="Any field of the method's config as KEY=VALUE (YAML value; repeat), e.g. gptq=true."),
     ] = None,
     device: Annotated[str, typer.Option(help="Where to calibrate and quantize: cpu or cuda.")] = "cpu",
+    allow_other_model: Annotated[
+        bool, typer.Option(help="Use a --calib-manifest selected with another model (refused by default).")
+    ] = False,
     job: Annotated[
         str | None,
         typer.Option(
@@ -211,7 +225,7 @@ def quantize(
             method, wbits, abits, options = spec.method, spec.wbits, spec.abits, dict(spec.options)
         result = run_quantize(
             method, wbits, abits, out, model, group_size, coverage, fp8, calib_scenes, data=data,
-            calib_manifest=calib_manifest, options=options, device=device,
+            calib_manifest=calib_manifest, options=options, device=device, allow_other_model=allow_other_model,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)
@@ -265,8 +279,13 @@ def calibrate(
         _fail(exc)
     except OSError as exc:  # a full disk or an unwritable --out: nothing was half-written (atomic writes)
         _fail(OSError(f"cannot write to {out}: {exc.strerror or exc}; free disk space or choose a writable --out"))
+    selected = f"{result.num_selected} of {result.num_requested} selected"
+    if result.num_selected < result.num_requested:
+        selected += " (too few survivors in the pool: raise --pool-scenes)"
+    elif result.num_topped_up:
+        selected += f" ({result.num_topped_up} places of small clusters filled from larger ones)"
     typer.echo(
-        f"pool {result.pool_size}, {result.num_removed} outliers removed, {result.num_selected} selected; "
+        f"pool {result.pool_size}, {result.num_removed} outliers removed, {selected}; "
         f"manifest sha256 {result.manifest_sha256[:16]}"
     )
     typer.echo(f"written: {result.manifest_path}")
@@ -404,16 +423,22 @@ def reproduce_table_(
     min_sequence_length: Annotated[int, typer.Option(help="Co3D minimum sequence length (VGGT: 50).")] = 50,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16 as the paper on a GPU.")] = "float32",
+    categories: Annotated[
+        str, typer.Option(help="Co3D categories: vggt (VGGT's 41), all, or comma-separated names.")
+    ] = "vggt",
+    calib_pool: Annotated[
+        int | None, typer.Option(help="NFDS candidate pool for quantvggt (train sequences; default 5x calib).")
+    ] = None,
 ) -> None:
     """Reproduce the QuantVGGT paper's Co3Dv2 table (FP and each method at W8A8 / W4A4) in one command."""
     from qvggt.eval.paper_table import reproduce_table
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]
     try:
+        options = {"min_sequence_length": min_sequence_length, "categories": categories}
         reproduce_table(
             checkpoint, co3d, out, split(methods), split(bits), [int(f) for f in split(frames)], calib_sequences,
-            calib_frames, max_sequences, {"min_sequence_length": min_sequence_length}, device, dtype,
-            log=typer.echo,
+            calib_frames, max_sequences, options, device, dtype, log=typer.echo, calib_pool=calib_pool,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)

@@ -52,7 +52,9 @@ def _has_metadata(path: Path, key: str) -> bool:
 
 
 def calibration_sample_ids(spec: str) -> set[str]:
-    """Sample ids a quantized checkpoint was calibrated on (from its embedded manifest); empty for float models."""
+    """Sample ids a quantized checkpoint was calibrated on (from its embedded manifest); empty for float models.
+    The evaluation refuses every sample of the same scenes (:func:`qvggt.eval.datasets.scene_key`), whatever frames
+    either drew."""
     path = Path(spec)
     from qvggt.quant.export import MANIFEST_KEY, read_manifest
 
@@ -97,7 +99,7 @@ def run_eval(
     ref_model = None
     exclude = set(exclude_ids)
     for spec in (model, *compare):
-        exclude |= calibration_sample_ids(spec)  # a quantized model is never scored on its calibration samples
+        exclude |= calibration_sample_ids(spec)  # a quantized model is never scored on its calibration scenes
         name, m = load_model_spec(spec)
         if any(p.name == name for p in predictors):
             name = f"{name}#{len(predictors)}"

@@ -6,8 +6,21 @@ same test batches per frame count (one resumable evaluation and report per frame
 writes ``table.md`` / ``table.json``: AUC@30/15/5/3 per cell in the paper's layout, retention of AUC@30 with its
 paired bootstrap interval, and the paper's published numbers beside ours.
 
+Categories: VGGT's 41 (:data:`~qvggt.eval.datasets.CO3D_VGGT_CATEGORIES`) by default, for test and calibration
+alike; ``table.json`` records the list used (and any of the 41 missing under the root).
+
+Calibration sets (``calib_sequences`` sequences of ``calib_frames`` frames, train split):
+
+- ``quantvggt``: the paper's Noise-Filtered Diverse Sampling (:mod:`qvggt.calib.nfds`) on a pool of
+  ``calib_pool`` train sequences drawn round-robin over categories: deep-layer statistics of the FP model, the
+  per-category IQR filter, k-means (``min(5, calib_sequences)`` clusters, as published) on the frame-aware and
+  deep-layer features of the survivors (as ``qvggt calibrate``) and a seeded draw per cluster.
+- every other method: a seeded round-robin draw over categories (one sequence of each category in a shuffled
+  category order, then a second, ...), so no category dominates.
+
 Quantized checkpoints are reused when their manifest says they came from the same base weights with the same
-config (a rerun after a crash redoes nothing that finished).
+config, and their ``calibration_recipe.json`` names the same calibration recipe (a rerun after a crash redoes
+nothing that finished).
 """
 
 from __future__ import annotations
@@ -17,17 +30,26 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from qvggt.eval.command import run_eval
 from qvggt.eval.runner import EvalResult
 from qvggt.io import atomic_path, sha256_file
 
-__all__ = ["PAPER_BITS", "PAPER_TABLE", "TableCell", "reproduce_table"]
+if TYPE_CHECKING:
+    from qvggt.eval.datasets import Co3DDataset
+
+__all__ = ["PAPER_BITS", "PAPER_TABLE", "TableCell", "calibration_ids", "reproduce_table", "round_robin_ids"]
 
 PAPER_BITS: dict[str, tuple[int, int]] = {"w8a8": (8, 8), "w4a4": (4, 4)}
 AUC_KEYS = ("pose_auc@30", "pose_auc@15", "pose_auc@5", "pose_auc@3")
+RECIPE_FILE = "calibration_recipe.json"
+NFDS_METHODS = ("quantvggt",)  # methods calibrated on an NFDS selection (the paper's QuantVGGT = DSFQ + NFDS)
+NFDS_CLUSTERS = 5  # published: KMeans(5) x 4 sequences per cluster = 20 sequences
+NFDS_N_INIT = 50  # published k-means restarts
 # The paper's README table (Co3Dv2, 10 frames, AUC@30/15/5/3), ../shared/reference/QUANTVGGT_FACTS.md.
 PAPER_TABLE: dict[str, dict[str, tuple[float, float, float, float]]] = {
     "fp": {"fp": (89.5, 83.2, 66.1, 54.9)},
@@ -52,13 +74,57 @@ class TableCell:
     retention_ci: tuple[float, float] | None
 
 
+def round_robin_ids(ds: Co3DDataset, n: int, seed: int = 0) -> list[str]:
+    """``n`` sample ids spread over categories: each category's sequences in a seeded shuffled order, categories in
+    a seeded shuffled order, then one sequence per category per round; returned in dataset order."""
+    rng = np.random.default_rng(seed)
+    by_cat: dict[str, list[str]] = {}
+    for sid in ds.sample_ids():
+        by_cat.setdefault(ds.category_of(sid), []).append(sid)
+    queues = [[ids[i] for i in rng.permutation(len(ids))] for ids in by_cat.values()]
+    queues = [queues[i] for i in rng.permutation(len(queues))]  # with n < categories, not always the first ones
+    chosen: set[str] = set()
+    for rank in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if rank < len(q) and len(chosen) < n:
+                chosen.add(q[rank])
+    return [sid for sid in ds.sample_ids() if sid in chosen]
+
+
+def calibration_ids(
+    ds: Co3DDataset, n: int, selection: str, seed: int = 0, pool: int | None = None, model: Any = None
+) -> list[str]:
+    """The calibration sequences of ``ds`` (a train split): ``selection`` ``"round-robin"`` (:func:`round_robin_ids`)
+    or ``"nfds"`` (NFDS over a round-robin pool of ``pool`` sequences, default ``5 n``, with the FP ``model``'s
+    features; see the module docstring). Deterministic for a seed."""
+    if selection == "round-robin":
+        return round_robin_ids(ds, n, seed)
+    if selection != "nfds":
+        raise ValueError(f"unknown calibration selection {selection!r}; use 'round-robin' or 'nfds'")
+    from qvggt.calib.nfds import deep_layer_features, iqr_outliers, select_calibration
+
+    if model is None:
+        raise ValueError("NFDS selection needs the full-precision model for its features")
+    pool_ids = round_robin_ids(ds, pool or 5 * n, seed)
+    # One sample at a time: the pool's images need not all be in memory.
+    feats = [deep_layer_features(model, ds.load(sid).images) for sid in pool_ids]
+    deep, frame = np.stack([f["deep"] for f in feats]), np.stack([f["frame"] for f in feats])
+    outliers = iqr_outliers(deep, [ds.category_of(sid) for sid in pool_ids])
+    clusters = max(1, min(NFDS_CLUSTERS, n, int((~outliers).sum())))
+    # (frame, deep) blocks, each weighing the same in k-means: what `qvggt calibrate` clusters on.
+    chosen = select_calibration((frame, deep), outliers, clusters, -(-n // clusters), seed, NFDS_N_INIT, "nfds")
+    if len(chosen) > n:  # ceil(n / clusters) per cluster can overshoot: keep a seeded subset
+        chosen = sorted(np.random.default_rng(seed).choice(chosen, n, replace=False).tolist())
+    return [pool_ids[i] for i in chosen]
+
+
 def _calibration_batches(
-    co3d_root: Path, n: int, frames: int, width: int, options: dict
+    co3d_root: Path, n: int, frames: int, width: int, options: dict, selection: str, pool: int | None, model: Any
 ) -> tuple[list[torch.Tensor], list[str]]:
     from qvggt.eval.datasets import Co3DDataset
 
     ds = Co3DDataset(co3d_root, split="train", num_frames=frames, target_size=width, **options)
-    ids = ds.sample_ids()[:n]
+    ids = calibration_ids(ds, n, selection, pool=pool, model=model)
     if not ids:
         raise ValueError(f"no Co3D train-split sequence to calibrate on under {co3d_root}")
     return [torch.from_numpy(ds.load(i).images)[None] for i in ids], ids
@@ -70,9 +136,11 @@ def _quantized_checkpoint(
     method: str,
     bits: str,
     out: Path,
-    calibration: Callable[[], tuple[list[torch.Tensor], list[str]]],
+    recipe: dict,
+    calibration: Callable[[str], tuple[list[torch.Tensor], list[str]]],
 ) -> Path:
-    """Quantize (or reuse) ``out/models/<method>-<bits>/model.safetensors``."""
+    """Quantize (or reuse) ``out/models/<method>-<bits>/model.safetensors``; ``recipe`` describes the calibration
+    set (``selection`` is filled in here) and ``calibration(selection)`` builds it."""
     from qvggt.model import load_vggt
     from qvggt.quant.api import needs_calibration, quantize_
     from qvggt.quant.command import make_config
@@ -81,17 +149,24 @@ def _quantized_checkpoint(
     wbits, abits = PAPER_BITS[bits]
     config = make_config(method, wbits, abits, None, "default", False)
     path = out / "models" / f"{method}-{bits}" / "model.safetensors"
-    if path.is_file():
+    selection = "nfds" if method in NFDS_METHODS else "round-robin"
+    recipe = {**recipe, "selection": selection} if needs_calibration(config) else {"selection": None}
+    recipe = json.loads(json.dumps(recipe))  # as read back (tuples become lists)
+    recipe_path = path.with_name(RECIPE_FILE)
+    if path.is_file() and recipe_path.is_file() and json.loads(recipe_path.read_text()) == recipe:
         manifest = read_manifest(path)
         if manifest.get("base_sha256") == base_sha and manifest.get("quant_config") == json.loads(
             json.dumps(config.to_dict())
         ):
             return path
     model = load_vggt(checkpoint)
-    batches, ids = calibration() if needs_calibration(config) else ([], [])
+    batches, ids = calibration(selection) if needs_calibration(config) else ([], [])
     torch.manual_seed(0)  # methods that draw random rotations are reproducible
     quantize_(model, config, calibration_data=batches or None)
-    return save_quantized(model, config, path, base_sha256=base_sha, calibration_ids=ids)
+    save_quantized(model, config, path, base_sha256=base_sha, calibration_ids=ids)
+    with atomic_path(recipe_path) as tmp:  # written last: a checkpoint without it is redone
+        tmp.write_text(json.dumps(recipe, indent=1))
+    return path
 
 
 def reproduce_table(
@@ -109,6 +184,8 @@ def reproduce_table(
     dtype: str = "float32",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    calib_pool: int | None = None,
+    seed: int = 0,
 ) -> list[TableCell]:
     """Reproduce the paper's Co3Dv2 table; writes ``out/table.md``, ``out/table.json`` and per-frame reports.
 
@@ -119,9 +196,12 @@ def reproduce_table(
         bits: keys of ``PAPER_BITS``.
         frames: frames per test sequence, one evaluation each.
         calib_sequences / calib_frames: calibration set from the train split.
-        max_sequences: cap on test sequences per evaluation.
-        dataset_options: extra Co3D options (``categories``, ``min_sequence_length`` ...), test and train alike.
+        max_sequences: cap on test sequences per evaluation (spread round-robin over categories).
+        dataset_options: extra Co3D options (``categories``: default VGGT's 41; ``min_sequence_length`` ...),
+            test and train alike.
         device / dtype: where and in which precision models run ("bfloat16" as the paper on a GPU).
+        calib_pool: NFDS candidate pool size (train sequences; default ``5 * calib_sequences``).
+        seed: seed of the calibration draws.
 
     Raises:
         ValueError: unknown bits or method (naming the known ones), empty calibration split, bad frames.
@@ -140,22 +220,42 @@ def reproduce_table(
 
     for method in methods:  # fail before any work on an unknown method
         make_config(method, 8, 8, None, "default", False)
+    from qvggt.eval.datasets import resolve_co3d_categories
+
     options = dict(dataset_options or {})
+    # Resolved once (cheap: folder names only) so that test and calibration splits, the resume signatures and
+    # table.json all name the same explicit list.
+    categories, missing = resolve_co3d_categories(co3d_root, options.get("categories"))
+    options["categories"] = categories
+    if missing:
+        log(f"warning: {len(missing)} of VGGT's 41 Co3D categories are missing under {co3d_root}: {missing}")
     cfg = read_config(checkpoint)
     width = cfg.default_image_hw[1] if cfg is not None else 518
     base_sha = sha256_file(checkpoint)
+    recipe = {
+        "sequences": calib_sequences, "frames": calib_frames, "pool": calib_pool or 5 * calib_sequences,
+        "seed": seed, "width": width, "dataset_options": options,
+    }  # fmt: skip
     cache: dict[str, tuple[list[torch.Tensor], list[str]]] = {}
 
-    def calibration() -> tuple[list[torch.Tensor], list[str]]:
-        if "c" not in cache:
-            cache["c"] = _calibration_batches(co3d_root, calib_sequences, calib_frames, width, options)
-        return cache["c"]
+    def calibration(selection: str) -> tuple[list[torch.Tensor], list[str]]:
+        if selection not in cache:
+            model = None
+            if selection == "nfds":
+                from qvggt.model import load_vggt
+
+                model = load_vggt(checkpoint).to(device).eval()
+            cache[selection] = _calibration_batches(
+                co3d_root, calib_sequences, calib_frames, width, options, selection, recipe["pool"], model
+            )
+            log(f"calibration ({selection}): {len(cache[selection][1])} train sequences")
+        return cache[selection]
 
     models: dict[tuple[str, str], Path] = {}
     for method in methods:
         for b in bits:
             log(f"quantize {method} {b}")
-            models[(method, b)] = _quantized_checkpoint(checkpoint, base_sha, method, b, out, calibration)
+            models[(method, b)] = _quantized_checkpoint(checkpoint, base_sha, method, b, out, recipe, calibration)
 
     cells: list[TableCell] = []
     for n in frames:
@@ -165,7 +265,7 @@ def reproduce_table(
             scenes=max_sequences, dtype=dtype, device=device, progress=progress, dataset_options=options,
         )  # fmt: skip
         cells += _cells(result, models, n)
-    _write_table(out, cells, frames)
+    _write_table(out, cells, frames, categories, missing)
     return cells
 
 
@@ -187,8 +287,14 @@ def _fmt(auc: Sequence[float]) -> str:
     return " / ".join("-" if math.isnan(a) else f"{a:.1f}" for a in auc)
 
 
-def _write_table(out: Path, cells: list[TableCell], frames: Sequence[int]) -> None:
+def _write_table(
+    out: Path, cells: list[TableCell], frames: Sequence[int], categories: Sequence[str], missing: Sequence[str]
+) -> None:
     lines = ["# Co3Dv2 pose AUC@30 / @15 / @5 / @3 (ours | paper, 10 frames)", ""]
+    lines += [f"Categories ({len(categories)}): {', '.join(categories)}"]
+    if missing:
+        lines += [f"Missing of VGGT's 41 (not scored): {', '.join(missing)}"]
+    lines.append("")
     for n in frames:
         rows = [c for c in cells if c.frames == n]
         bits = sorted({c.bits for c in rows if c.bits != "fp"}, key=list(PAPER_BITS).index)
@@ -218,4 +324,5 @@ def _write_table(out: Path, cells: list[TableCell], frames: Sequence[int]) -> No
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text("\n".join(lines))
     with atomic_path(out / "table.json") as tmp:
-        tmp.write_text(json.dumps([c.__dict__ for c in cells], indent=1))
+        doc = {"categories": list(categories), "missing_vggt_categories": list(missing)}
+        tmp.write_text(json.dumps({**doc, "cells": [c.__dict__ for c in cells]}, indent=1))

@@ -1,9 +1,11 @@
 """Run several predictors (full precision, quantized, trivial baselines) on the same samples and score them.
 
 Per-scene results are appended to ``scenes.jsonl`` as each scene finishes, so a crash loses no finished
-scene and a rerun continues where it stopped. The first predictor is the reference: the others get fidelity
-metrics against it, retention (100 * theirs / reference's) and a paired bootstrap interval of the per-scene
-differences. Aggregates are means over categories of per-category means (the Co3Dv2 protocol).
+scene and a rerun continues where it stopped. A rerun resumes only the same evaluation: same dataset, settings
+(frames, image size, ...), samples, predictor names, weights and precision (``run.json`` holds the signature).
+The first predictor is the reference: the others get fidelity metrics against it, retention (100 * theirs /
+reference's) and a paired bootstrap interval of the per-scene differences. Aggregates are means over categories
+of per-category means (the Co3Dv2 protocol).
 
 Shape legend: S frames, H/W image size.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qvggt.eval.datasets import EvalDataset, EvalSample
+from qvggt.eval.datasets import EvalDataset, EvalSample, scene_key
 from qvggt.eval.metrics import (
     depth_metrics,
     fidelity_metrics,
@@ -58,11 +60,29 @@ AUC_EDGES = np.arange(31)  # 1-degree bins of the per-pair max(rot, trans) error
 
 class Predictor(Protocol):
     """Anything that maps a sample to predictions: ``extrinsic`` [S, 3, 4], ``intrinsic`` [S, 3, 3], ``depth``
-    [S, H, W], ``world_points`` [S, H, W, 3] (each optional), and their ``*_conf``."""
+    [S, H, W], ``world_points`` [S, H, W, 3] (each optional), and their ``*_conf``.
+
+    Optional attributes that enter the resume signature: ``fingerprint`` (str, identifies the weights) and
+    ``dtype`` (the precision it runs in)."""
 
     name: str
 
     def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]: ...
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the module tree (``repr``: architecture and quantization formats) and every state-dict entry's
+    name, dtype, shape and raw bytes: changes whenever the weights do, even at the same checkpoint path."""
+    h = hashlib.sha256(repr(model).encode())
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{name}:{value!r}".encode())
+            continue
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{list(value.shape)}".encode())
+        # Raw bytes through a uint8 view: numpy has no bfloat16 / float8, and a cast could hide a difference.
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -72,6 +92,14 @@ class ModelPredictor:
     name: str
     model: VGGT
     dtype: torch.dtype = torch.float32
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of the model (computed once; the model must not change afterwards)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
 
     def __call__(self, sample: EvalSample) -> dict[str, np.ndarray]:
         preds = infer_scene(self.model, torch.from_numpy(sample.images), self.dtype)
@@ -140,9 +168,39 @@ class EvalResult:
     records: list[dict] = field(default_factory=list)
 
 
-def _signature(dataset: EvalDataset, predictors: Sequence[Predictor], sample_ids: Sequence[str]) -> str:
-    spec = json.dumps([dataset.name, [p.name for p in predictors], list(sample_ids)])
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+def _run_spec(dataset: EvalDataset, predictors: Sequence[Predictor], sample_ids: Sequence[str]) -> dict:
+    """Everything that decides the per-scene results (what ``run.json`` records and the signature hashes)."""
+    models = [
+        {"name": p.name, "fingerprint": getattr(p, "fingerprint", None), "dtype": str(getattr(p, "dtype", None))}
+        for p in predictors
+    ]
+    return {"dataset": dataset.name, "settings": dataset.settings(), "models": models, "samples": list(sample_ids)}
+
+
+def _signature(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_samples(dataset: EvalDataset, max_scenes: int | None = None) -> list[str]:
+    """The first ``max_scenes`` samples taken round-robin over categories (the first sample of every category,
+    then the second, ...), returned in dataset order; all samples when ``max_scenes`` is None.
+
+    A plain prefix would score only the first categories of a category-ordered dataset (Co3D: "apple"), while
+    the aggregate is a mean over categories. Categories come in order of first appearance, so with fewer scenes
+    than categories the first ``max_scenes`` categories get one each.
+    """
+    ids = dataset.sample_ids()
+    if max_scenes is None or max_scenes >= len(ids):
+        return ids
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, sid in enumerate(ids):
+        by_cat[dataset.category_of(sid)].append(i)
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < max_scenes:
+        chosen += [idx[rank] for idx in by_cat.values() if rank < len(idx)][: max_scenes - len(chosen)]
+        rank += 1
+    return [ids[i] for i in sorted(chosen)]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -166,9 +224,12 @@ def evaluate(
     keep_predictions_for: int = 1,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate every predictor on the dataset's samples (the first ``max_scenes``), resumably, into ``out_dir``.
+    """Evaluate every predictor on the dataset's samples (``max_scenes`` of them, spread over categories by
+    :func:`select_samples`), resumably, into ``out_dir``.
 
-    exclude_ids: sample ids that must not be evaluated (e.g. a calibration manifest's); any overlap is an error.
+    exclude_ids: sample ids whose scenes must not be evaluated (e.g. a calibration manifest's); a sample showing
+    one of their scenes (:func:`~qvggt.eval.datasets.scene_key`: the same sequence, whatever frames were drawn)
+    is an error.
     keep_predictions_for: the first N scenes also get their predictions saved (``predictions/<i>.npz``) for
     the report's images.
     """
@@ -177,23 +238,31 @@ def evaluate(
     names = [p.name for p in predictors]
     if len(set(names)) != len(names):
         raise ValueError(f"predictor names must be unique, got {names}")
-    ids = dataset.sample_ids()[:max_scenes]
+    ids = select_samples(dataset, max_scenes)
     if not ids:
         raise ValueError(f"dataset {dataset.name!r} has no samples")
-    overlap = sorted(set(ids) & set(exclude_ids))
+    calibration_scenes = {scene_key(i) for i in exclude_ids}
+    overlap = [i for i in ids if scene_key(i) in calibration_scenes]
     if overlap:
         raise ValueError(
-            f"{len(overlap)} evaluation samples were used for calibration (e.g. {overlap[:3]}): "
+            f"{len(overlap)} evaluation samples show scenes used for calibration (e.g. {overlap[:3]}): "
             "evaluate on held-out samples"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    signature = _signature(dataset, predictors, ids)
+    spec = _run_spec(dataset, predictors, ids)
+    signature = _signature(spec)
     run_path = out_dir / RUN_FILE
-    if run_path.exists() and json.loads(run_path.read_text()).get("signature") != signature:
-        raise ValueError(f"{out_dir} holds a different evaluation (other data or models): use another --out")
+    if run_path.exists():
+        old = json.loads(run_path.read_text())
+        if old.get("signature") != signature:
+            differ = [k for k in ("dataset", "settings", "models", "samples") if k in old and old[k] != spec[k]]
+            what = f" ({', '.join(differ)} differ)" if differ else ""
+            raise ValueError(
+                f"{out_dir} holds a different evaluation (other data, settings or models{what}): use another --out"
+            )
     with atomic_open(run_path, "w") as f:
-        json.dump({"signature": signature, "dataset": dataset.name, "models": names, "samples": ids}, f, indent=1)
+        json.dump({"signature": signature, **spec}, f, indent=1)
 
     scenes_path = out_dir / SCENES_FILE
     records = _read_records(scenes_path)
@@ -281,11 +350,13 @@ def summarise(records: list[dict], names: Sequence[str]) -> EvalResult:
                 for r in records
                 if k in r["models"][ref]["metrics"] and k in r["models"][name]["metrics"]
             ]
-            pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
-            if not pairs:
+            finite = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+            if not finite:
                 continue
-            a, b = np.array(pairs).T
-            entry = dict(paired_bootstrap(a, b)) if len(pairs) > 1 else {"mean_diff": float(b[0] - a[0])}
+            a, b = np.array(finite).T
+            entry = dict(paired_bootstrap(a, b)) if len(finite) > 1 else {"mean_diff": float(b[0] - a[0])}
+            if len(finite) < len(pairs):  # a non-finite score (e.g. no valid point) is left out: say how often
+                entry["dropped_pairs"] = len(pairs) - len(finite)
             if k in HIGHER_IS_BETTER:
                 entry["retention"] = float(retention(aggregate[name].get(k, math.nan), aggregate[ref].get(k, math.nan)))
             comparison[name][k] = entry
@@ -311,6 +382,8 @@ def format_table(result: EvalResult, metrics: Sequence[str] = MAIN_METRICS) -> s
                 cell += f" [{c['low']:+.3g}, {c['high']:+.3g}]"
             if "retention" in c:
                 cell += f" ({c['retention']:.1f}%)"
+            if c.get("dropped_pairs"):
+                cell += f" [{c['dropped_pairs']} non-finite pairs dropped]"
             row.append(cell)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

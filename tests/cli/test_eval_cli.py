@@ -66,3 +66,21 @@ def test_untrained_spec_is_the_training_runs_own_initialisation(tmp_path: Path) 
     assert json.loads((out / "metrics.json").read_text())["models"] == ["tiny-untrained"]
     res = runner.invoke(app, ["eval", "--model", f"untrained:{tmp_path / 'nope.yaml'}", "--out", str(out)])
     assert res.exit_code == 1 and "config file not found" in res.output
+
+
+def test_eval_on_co3d_defaults_to_vggts_categories(tmp_path: Path) -> None:
+    """VGGT's protocol scores its 41 categories: a Co3Dv2 category outside them is skipped unless asked for."""
+    from tests.eval.co3d_tiny import multi_layout, write_tiny_co3d  # the tests' tiny Co3D writer
+
+    # 50 frames per sequence: the CLI keeps VGGT's minimum sequence length.
+    root = write_tiny_co3d(tmp_path / "co3d", multi_layout(("apple", "bench", "frisbee"), 1, 0, frames=50))
+    base = ["eval", "--model", "preset:tiny", "--dataset", f"co3d:{root}", "--frames", "2", "--scenes", "1"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "vggt")])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "vggt" / "run.json").read_text())
+    assert run["settings"]["categories"] == ["apple", "bench"] and run["samples"][0].startswith("co3d/apple/")
+    res = runner.invoke(app, [*base, "--categories", "frisbee", "--out", str(tmp_path / "frisbee")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "frisbee" / "run.json").read_text())["samples"][0].startswith("co3d/frisbee/")
+    res = runner.invoke(app, ["eval", "--model", "preset:tiny", "--categories", "all", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "co3d:ROOT datasets only" in res.output

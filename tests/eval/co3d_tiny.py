@@ -71,9 +71,26 @@ CO3D_LAYOUT = {
         "seqB": (0.3, 12, "test", (64, 48), "ndc_isotropic"),  # low quality
         "seqC": (0.8, 6, "test", (64, 48), "ndc_isotropic"),  # too short
         "seqD": (0.9, 12, "train", (64, 48), "ndc_isotropic"),
+        "seqG": (0.95, 12, "test", (64, 48), "ndc_isotropic"),  # one frame's pose is broken (BROKEN_POSE)
     },
     "bench": {"seqE": (0.7, 12, "test", (48, 64), "ndc_norm_image_bounds"), "seqF": (0.6, 12, "test", (48, 64), None)},
+    "frisbee": {"seqH": (0.9, 12, "test", (64, 48), "ndc_isotropic")},  # a Co3Dv2 category VGGT does not report
 }
+# (category, sequence, frame index): a viewpoint T with T[0] + T[1] + T[2] > 1e5, which VGGT's sanity check rejects.
+BROKEN_POSE = ("apple", "seqG", 11)
+
+
+def multi_layout(
+    categories: tuple[str, ...], n_test: int, n_train: int, wh: tuple[int, int] = (32, 24), frames: int = 12
+) -> dict:
+    """A layout with ``n_test`` test and ``n_train`` train sequences (``frames`` frames, good quality) per category."""
+    return {
+        cat: {
+            **{f"t{i}": (0.9, frames, "test", wh, "ndc_isotropic") for i in range(n_test)},
+            **{f"r{i}": (0.9, frames, "train", wh, "ndc_isotropic") for i in range(n_train)},
+        }
+        for cat in categories
+    }
 
 
 def co3d_viewpoint(seq_idx: int, frame: int, fmt: str | None) -> dict:
@@ -96,11 +113,15 @@ def blob_image(wh: tuple[int, int], center: np.ndarray, sigma: float = 1.6) -> I
     return Image.fromarray(np.repeat((255 * g).round().astype(np.uint8)[..., None], 3, -1))
 
 
-def write_tiny_co3d(root: Path) -> Path:
-    """Write the tiny Co3Dv2-format directory of ``CO3D_LAYOUT`` under ``root`` (created) and return it."""
+def write_tiny_co3d(
+    root: Path, layout: dict | None = None, broken_pose: bool = True, black: tuple[tuple[str, str], ...] = ()
+) -> Path:
+    """Write a tiny Co3Dv2-format directory of ``layout`` (default ``CO3D_LAYOUT``) under ``root`` (created) and
+    return it. ``broken_pose``: plant ``BROKEN_POSE``'s huge translation; ``black``: (category, sequence) pairs whose
+    images are all black instead of noise (an outlier for calibration-set selection)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for cat, seqs in CO3D_LAYOUT.items():
+    for cat, seqs in (CO3D_LAYOUT if layout is None else layout).items():
         (root / cat / "set_lists").mkdir(parents=True)
         frames, sequences, lists = [], [], {"train": [], "val": [], "test": []}
         for si, (seq, (quality, n, split, (w, h), fmt)) in enumerate(seqs.items()):
@@ -109,12 +130,15 @@ def write_tiny_co3d(root: Path) -> Path:
             for k in range(n):
                 num = 3 * k + 1  # frame numbers need not be 0..n-1
                 vp = co3d_viewpoint(si, k, fmt)
+                if broken_pose and (cat, seq, k) == BROKEN_POSE:
+                    vp["T"] = [1e5, 20.0, 3.0]
                 if seq == "seqE":  # lossless blob image for the end-to-end geometry check
                     rel = f"{cat}/{seq}/images/frame{num:06d}.png"
                     blob_image((w, h), p3d_pixel(BLOB_POINT, vp, (h, w))).save(root / rel)
                 else:
                     rel = f"{cat}/{seq}/images/frame{num:06d}.jpg"
-                    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / rel, quality=90)
+                    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    Image.fromarray(pixels * ((cat, seq) not in black)).save(root / rel, quality=90)
                 frames.append(
                     {
                         "sequence_name": seq,

@@ -31,6 +31,7 @@ from qvggt.eval.datasets import (
     SyntheticEvalDataset,
     make_dataset,
     preprocessed_intrinsics,
+    scene_key,
 )
 
 
@@ -53,7 +54,13 @@ def seq_of(sid: str) -> str:
 
 def test_co3d_selection_rules(co3d_root: Path) -> None:
     ds = small_co3d(co3d_root)
+    # VGGT's 41 by default: "frisbee" (a Co3Dv2 category VGGT does not report) is left out, absent ones listed.
     assert ds.categories == ["apple", "bench"]
+    assert len(ds.missing_categories) == 39 and "apple" not in ds.missing_categories
+    everything = small_co3d(co3d_root, categories="all")
+    assert everything.categories == ["apple", "bench", "frisbee"] and everything.missing_categories == []
+    assert [seq_of(s) for s in everything.sample_ids()][-1] == "frisbee/seqH"
+    assert small_co3d(co3d_root, categories="frisbee,bench").categories == ["frisbee", "bench"]
     # seqB fails quality (0.3), seqC has 6 < 10 frames, seqD is train only.
     assert [seq_of(s) for s in ds.sample_ids()] == ["apple/seqA", "bench/seqE", "bench/seqF"]
     assert len(ds) == 3
@@ -65,6 +72,22 @@ def test_co3d_selection_rules(co3d_root: Path) -> None:
     # num_frames also bounds the length: 6 frames cannot give 10 distinct ones.
     assert "apple/seqC" not in [seq_of(s) for s in small_co3d(co3d_root, min_sequence_length=5).sample_ids()]
     assert [seq_of(s) for s in small_co3d(co3d_root, split="train").sample_ids()] == ["apple/seqD"]
+
+
+def test_co3d_drops_sequences_with_a_broken_pose(co3d_root: Path, tmp_path: Path) -> None:
+    """VGGT's sanity check: a sequence with any listed frame whose T[0] + T[1] + T[2] > 1e5 is left out."""
+    assert "apple/seqG" not in [seq_of(s) for s in small_co3d(co3d_root).sample_ids()]
+    healthy = write_tiny_co3d(tmp_path / "healthy", broken_pose=False)
+    assert "apple/seqG" in [seq_of(s) for s in small_co3d(healthy).sample_ids()]
+    # Only seqG passes the quality filter at 0.92; the pose check then empties the selection and says so.
+    with pytest.raises(ValueError, match=r"3 removed by the quality filter.*1 removed for a broken pose"):
+        small_co3d(co3d_root, categories=["apple"], min_quality=0.92)
+
+
+def test_scene_key_ignores_the_drawn_frames() -> None:
+    assert scene_key("co3d/apple/110_13051_23361/frames-3-17-9") == "co3d/apple/110_13051_23361"
+    assert scene_key("7scenes/chess/seq-03/frames-0-20") == "7scenes/chess/seq-03"
+    assert scene_key("synthetic/boxes/200003") == "synthetic/boxes/200003"
 
 
 def test_co3d_frame_draw_deterministic_and_independent(co3d_root: Path) -> None:
@@ -157,10 +180,12 @@ def test_co3d_errors(co3d_root: Path, tmp_path: Path) -> None:
         Co3DDataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="set_lists_manyview_dev_0.json"):
         small_co3d(co3d_root, subset="manyview_dev_0")
-    with pytest.raises(FileNotFoundError, match="sequence_annotations.jgz"):
-        (tmp_path / "pear").mkdir()
-        (tmp_path / "pear" / "frame_annotations.jgz").write_bytes(b"")
+    (tmp_path / "pear").mkdir()
+    (tmp_path / "pear" / "frame_annotations.jgz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no Co3D folders of VGGT's 41 categories.*categories='all'"):
         Co3DDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="sequence_annotations.jgz"):
+        Co3DDataset(tmp_path, categories="all")
     with pytest.raises(
         ValueError, match=r"1 sequences listed.*1 removed by the quality filter.*0 removed for having fewer"
     ):

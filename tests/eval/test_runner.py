@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from co3d_tiny import multi_layout, write_tiny_co3d
 
-from qvggt.eval.datasets import EvalSample, SyntheticEvalDataset
-from qvggt.eval.runner import TrivialBaseline, evaluate, format_table
+from qvggt.eval.command import run_eval
+from qvggt.eval.datasets import Co3DDataset, EvalSample, SyntheticEvalDataset
+from qvggt.eval.runner import TrivialBaseline, evaluate, format_table, select_samples, summarise
+from qvggt.model import load_vggt, save_checkpoint
 
 
 @dataclass
@@ -103,3 +108,81 @@ def test_refuses_calibration_samples_and_other_runs(dataset, tmp_path: Path) -> 
         evaluate(dataset, [Oracle(), TrivialBaseline()], tmp_path / "a", max_scenes=1, progress=False)
     with pytest.raises(ValueError, match="unique"):
         evaluate(dataset, [Oracle(), Oracle()], tmp_path / "b", progress=False)
+
+
+# ------------------------------------------------------------------ multi-category Co3D: caps and leakage
+
+CATS = ("apple", "bench", "cup", "frisbee")  # frisbee is not one of VGGT's 41
+
+
+@pytest.fixture(scope="module")
+def co3d_multi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_co3d(tmp_path_factory.mktemp("co3d_multi"), multi_layout(CATS, n_test=3, n_train=2))
+
+
+def test_scene_cap_spreads_over_categories(co3d_multi: Path, tmp_path: Path) -> None:
+    ds = Co3DDataset(co3d_multi, min_sequence_length=10, target_size=28)
+    assert ds.categories == ["apple", "bench", "cup"] and len(ds) == 9
+    picked = select_samples(ds, 4)
+    # One per category first, then the second of the first category; dataset order kept.
+    assert [sid.split("/")[1:3] for sid in picked] == [["apple", "t0"], ["apple", "t1"], ["bench", "t0"], ["cup", "t0"]]
+    assert select_samples(ds, 2) == [ds.sample_ids()[0], ds.sample_ids()[3]]
+    assert select_samples(ds, None) == select_samples(ds, 100) == ds.sample_ids()
+    result = evaluate(ds, [TrivialBaseline()], tmp_path, max_scenes=4, progress=False)
+    assert sorted({r["category"] for r in result.records}) == ["apple", "bench", "cup"]
+
+
+def test_leakage_check_matches_sequences_not_frame_draws(co3d_multi: Path, tmp_path: Path) -> None:
+    """A sequence calibrated at 4 frames and evaluated at 10 is the same scene: refused."""
+    calib = Co3DDataset(co3d_multi, min_sequence_length=10, num_frames=4, target_size=28, categories=["bench"])
+    test = Co3DDataset(co3d_multi, min_sequence_length=10, num_frames=10, target_size=28, categories=["bench"])
+    assert not set(calib.sample_ids()) & set(test.sample_ids())  # the ids differ: an exact match would miss it
+    with pytest.raises(ValueError, match="scenes used for calibration.*co3d/bench/t1/frames-"):
+        evaluate(test, [TrivialBaseline()], tmp_path, exclude_ids=[calib.sample_ids()[1]], progress=False)
+    other = Co3DDataset(co3d_multi, split="train", min_sequence_length=10, num_frames=4, target_size=28)
+    evaluate(test, [TrivialBaseline()], tmp_path, exclude_ids=other.sample_ids(), max_scenes=1, progress=False)
+
+
+# ----------------------------------------------------------------------------------- resume signature
+
+
+def test_resume_only_the_same_weights_settings_and_precision(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = load_vggt(preset="tiny")
+    ckpt = save_checkpoint(model, tmp_path / "m" / "model.safetensors")
+    out = tmp_path / "eval"
+    kw = {"frames": 2, "scenes": 1, "progress": False}
+    first = run_eval(str(ckpt), [], "synthetic:eval", out, **kw)
+    saved = out / "predictions" / "0.npz"
+    stamp = saved.stat().st_mtime_ns
+    # Same everything: resumes from the finished scene (nothing recomputed, same numbers).
+    again = run_eval(str(ckpt), [], "synthetic:eval", out, **kw)
+    assert saved.stat().st_mtime_ns == stamp
+    assert json.dumps(again.aggregate, sort_keys=True) == json.dumps(first.aggregate, sort_keys=True)
+    # Other frame count or precision: a different evaluation.
+    with pytest.raises(ValueError, match=r"different evaluation.*settings"):
+        run_eval(str(ckpt), [], "synthetic:eval", out, **{**kw, "frames": 3})
+    with pytest.raises(ValueError, match=r"different evaluation.*models"):
+        run_eval(str(ckpt), [], "synthetic:eval", out, dtype="bfloat16", **kw)
+    # Retrained weights saved at the same path: refused, not answered with the old numbers.
+    with torch.no_grad():
+        next(model.camera_head.parameters()).add_(1e-3)
+    save_checkpoint(model, ckpt)
+    with pytest.raises(ValueError, match=r"holds a different evaluation.*models.*use another --out"):
+        run_eval(str(ckpt), [], "synthetic:eval", out, **kw)
+    assert saved.stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------- bootstrap accounting
+
+
+def test_non_finite_pairs_are_counted_not_silently_dropped() -> None:
+    def record(i: int, ref: float, other: float) -> dict:
+        return {"index": i, "category": "c", "models": {"a": {"metrics": {"depth_abs_rel": ref}},
+                                                         "b": {"metrics": {"depth_abs_rel": other}}}}  # fmt: skip
+
+    records = [record(0, 0.1, 0.2), record(1, 0.1, math.nan), record(2, 0.2, 0.4)]
+    entry = summarise(records, ["a", "b"]).comparison["b"]["depth_abs_rel"]
+    assert entry["mean_diff"] == pytest.approx(0.15) and entry["dropped_pairs"] == 1
+    clean = summarise([records[0], records[2]], ["a", "b"]).comparison["b"]["depth_abs_rel"]
+    assert "dropped_pairs" not in clean

@@ -108,7 +108,7 @@ CASES = [
             "--out",
             "{out}",
         ),
-        "evaluation samples were used for calibration",
+        "evaluation samples show scenes used for calibration",
     ),
     Case(
         "malformed params.yaml",

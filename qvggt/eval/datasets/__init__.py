@@ -6,12 +6,20 @@ points). Conventions (OpenCV camera-from-world extrinsics, pixel intrinsics of t
 origin at the first pixel centre) are in :mod:`qvggt.eval.datasets.base`.
 """
 
-from qvggt.eval.datasets.base import DATASET_SPECS, EvalDataset, EvalSample, make_dataset, preprocessed_intrinsics
+from qvggt.eval.datasets.base import (
+    DATASET_SPECS,
+    EvalDataset,
+    EvalSample,
+    make_dataset,
+    preprocessed_intrinsics,
+    scene_key,
+)
 from qvggt.eval.datasets.co3d import (
     CO3D_VGGT_CATEGORIES,
     Co3DDataset,
     co3d_ndc_to_pixel_intrinsics,
     pytorch3d_to_opencv_extrinsics,
+    resolve_co3d_categories,
 )
 from qvggt.eval.datasets.seven_scenes import KINECT_INTRINSICS, SevenScenesDataset, resize_depth_nearest
 from qvggt.eval.datasets.synthetic import SyntheticEvalDataset
@@ -30,4 +38,6 @@ __all__ = [
     "preprocessed_intrinsics",
     "pytorch3d_to_opencv_extrinsics",
     "resize_depth_nearest",
+    "resolve_co3d_categories",
+    "scene_key",
 ]

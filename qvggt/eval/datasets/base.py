@@ -24,7 +24,19 @@ import numpy as np
 
 from qvggt.data.images import DEFAULT_TARGET_SIZE, preprocess_geometry
 
-__all__ = ["DATASET_SPECS", "EvalDataset", "EvalSample", "make_dataset", "preprocessed_intrinsics"]
+__all__ = ["DATASET_SPECS", "EvalDataset", "EvalSample", "make_dataset", "preprocessed_intrinsics", "scene_key"]
+
+
+def scene_key(sample_id: str) -> str:
+    """The scene a sample id draws its frames from: the id without a trailing ``frames-...`` part.
+
+    ``"co3d/apple/110_13051_23361/frames-3-17"`` -> ``"co3d/apple/110_13051_23361"`` (dataset, category,
+    sequence); synthetic ids (``"synthetic/boxes/200003"``) already name one scene and are returned unchanged.
+    Two samples with the same key show the same scene, whatever frames or frame count were drawn: what a
+    calibration / evaluation leakage check must compare.
+    """
+    head, sep, last = sample_id.rpartition("/")
+    return head if sep and last.startswith("frames-") else sample_id
 
 
 def preprocessed_intrinsics(
@@ -138,6 +150,16 @@ class EvalDataset(ABC):
     @abstractmethod
     def load(self, sample_id: str) -> EvalSample:
         """Load one sample; ``KeyError`` naming a few valid ids if ``sample_id`` is not in this dataset."""
+
+    def settings(self) -> dict[str, object]:
+        """JSON-able settings that change a sample's content without changing its id (frame count, image size,
+        ...): part of an evaluation's resume signature. Subclasses list theirs; the default has none."""
+        return {}
+
+    def category_of(self, sample_id: str) -> str:
+        """The category of a sample without loading it; ids follow ``<dataset>/<category>/...``."""
+        parts = sample_id.split("/")
+        return parts[1] if len(parts) > 1 else ""
 
     def __len__(self) -> int:
         return len(self.sample_ids())

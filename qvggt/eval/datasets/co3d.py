@@ -8,11 +8,13 @@ Layout (``<root>`` as downloaded)::
                                                           image_path], ...]}
     <root>/<image_path>                                  e.g. apple/110_13051_23361/images/frame000001.jpg
 
-Selection (VGGT's evaluation protocol, from its ``preprocess_co3d.py`` / ``test_co3d.py``): the ``split`` list
-of ``set_lists_<subset>.json`` (default subset ``fewview_dev``, split ``test``); sequences with
+Selection (VGGT's evaluation protocol, from its ``preprocess_co3d.py`` / ``test_co3d.py``): VGGT's 41 categories
+(:data:`CO3D_VGGT_CATEGORIES`; a full Co3Dv2 has 51) unless others are asked for; the ``split`` list of
+``set_lists_<subset>.json`` (default subset ``fewview_dev``, split ``test``); sequences with
 ``viewpoint_quality_score > min_quality`` (0.5); at least ``max(min_sequence_length, num_frames)`` listed frames
-(50); ``num_frames`` (10) distinct frames drawn per sequence. One sample per sequence; sequences and their frames
-keep set-list order.
+(50); no listed frame with a broken pose, ``T[0] + T[1] + T[2] > 1e5`` (VGGT's sanity check on the PyTorch3D
+viewpoint ``T``; a non-finite ``T`` counts as broken too); ``num_frames`` (10) distinct frames drawn per sequence.
+One sample per sequence; sequences and their frames keep set-list order.
 
 Frame draw: ``np.random.default_rng([seed, zlib.crc32(f"{category}/{sequence_name}")]).choice(n, num_frames,
 replace=False)`` over the sequence's listed frames. Unlike VGGT's script (one global ``np.random.seed(0)`` stream
@@ -61,6 +63,7 @@ __all__ = [
     "Co3DDataset",
     "co3d_ndc_to_pixel_intrinsics",
     "pytorch3d_to_opencv_extrinsics",
+    "resolve_co3d_categories",
 ]
 
 #: The 41 categories VGGT reports Co3Dv2 results on (its ``SEEN_CATEGORIES``).
@@ -73,6 +76,7 @@ CO3D_VGGT_CATEGORIES: tuple[str, ...] = (
 )  # fmt: skip
 
 _FRAME_FILE = "frame_annotations.jgz"
+_MAX_POSE_T_SUM = 1e5  # VGGT's test_co3d.py drops a sequence with any frame whose T[0] + T[1] + T[2] exceeds this
 _SEQUENCE_FILE = "sequence_annotations.jgz"
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0])
 
@@ -116,6 +120,36 @@ def _read_jgz(path: Path) -> Any:
         raise ValueError(f"cannot read Co3D annotation file {path}: {type(exc).__name__}: {exc}") from exc
 
 
+def resolve_co3d_categories(root: str | Path, categories: Sequence[str] | str | None) -> tuple[list[str], list[str]]:
+    """The categories a :class:`Co3DDataset` reads (see its ``categories`` argument), and the VGGT categories absent
+    under ``root`` when the default was asked for. Cheap: looks for the category folders only.
+
+    Raises:
+        FileNotFoundError: no ``root``, or no category folder (none of VGGT's 41, for the default) under it.
+        ValueError: an empty list.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Co3D root not found or not a directory: {root}")
+    present = sorted(p.parent.name for p in root.glob(f"*/{_FRAME_FILE}"))
+    if isinstance(categories, str) and categories.strip().lower() not in ("vggt", "all"):
+        categories = [c.strip() for c in categories.split(",") if c.strip()]
+    if categories is not None and not isinstance(categories, str):
+        if not categories:
+            raise ValueError("categories must name at least one Co3D category")
+        return list(categories), []
+    if categories is not None and categories.strip().lower() == "all":
+        chosen, missing = present, []
+    else:
+        chosen = [c for c in CO3D_VGGT_CATEGORIES if c in present]
+        missing = [c for c in CO3D_VGGT_CATEGORIES if c not in present]
+    if not chosen:
+        which = "category folders" if not present else f"folders of VGGT's 41 categories (found {present})"
+        hint = "; pass categories='all' (--categories all) to use every category" if present else ""
+        raise FileNotFoundError(f"no Co3D {which} under {root}: expected <root>/<category>/{_FRAME_FILE}{hint}")
+    return chosen, missing
+
+
 @dataclass(frozen=True)
 class _Selected:
     category: str
@@ -129,8 +163,9 @@ class Co3DDataset(EvalDataset):
 
     Args:
         root: the Co3Dv2 root directory.
-        categories: category folder names; ``None`` = every folder holding a ``frame_annotations.jgz``
-            (:data:`CO3D_VGGT_CATEGORIES` are the 41 VGGT reports).
+        categories: category folder names (a list, or one comma-separated string); ``None`` or ``"vggt"`` = the
+            41 :data:`CO3D_VGGT_CATEGORIES` VGGT reports, those present under ``root`` (the absent ones are in
+            ``missing_categories``); ``"all"`` = every folder holding a ``frame_annotations.jgz``.
         split: ``"test"`` (evaluation), ``"train"`` (e.g. calibration) or ``"val"``.
         subset: set list name, ``set_lists/set_lists_<subset>.json``.
         num_frames: frames drawn per sequence (S).
@@ -141,8 +176,8 @@ class Co3DDataset(EvalDataset):
 
     Samples: ``images`` [S, 3, H, W], ``extrinsics`` [S, 3, 4], ``intrinsics`` [S, 3, 3]; no depth/points.
     ``sample_id`` = ``co3d/<category>/<sequence_name>/frames-<n1>-<n2>-...`` (frame numbers in draw order).
-    Annotations are read at construction except ``frame_annotations.jgz``, read at the first ``load`` of a
-    category (one category is cached at a time; iterate in order for speed).
+    All annotations are read at construction (the pose filter needs every listed frame's ``T``); only the drawn
+    frames' annotations are kept.
 
     Raises:
         FileNotFoundError: missing root, category folder or annotation file (named).
@@ -155,7 +190,7 @@ class Co3DDataset(EvalDataset):
     def __init__(
         self,
         root: str | Path,
-        categories: Sequence[str] | None = None,
+        categories: Sequence[str] | str | None = None,
         split: str = "test",
         subset: str = "fewview_dev",
         num_frames: int = 10,
@@ -174,20 +209,17 @@ class Co3DDataset(EvalDataset):
         self.split, self.subset, self.num_frames, self.seed = split, subset, int(num_frames), int(seed)
         self.min_sequence_length, self.min_quality = int(min_sequence_length), min_quality
         self.target_size = check_target_size(target_size)
-        if categories is None:
-            categories = sorted(p.parent.name for p in self.root.glob(f"*/{_FRAME_FILE}"))
-            if not categories:
-                raise FileNotFoundError(
-                    f"no Co3D category folders under {self.root}: expected <root>/<category>/{_FRAME_FILE}"
-                )
-        self.categories = list(categories)
+        self.categories, self.missing_categories = resolve_co3d_categories(self.root, categories)
         for cat in self.categories:
             for f in self._annotation_files(cat):
                 if not f.is_file():
                     raise FileNotFoundError(f"Co3D annotation file missing: {f}")
 
         self._samples: dict[str, _Selected] = {}
-        counts = {"listed": 0, "quality": 0, "length": 0}
+        # (category, sequence, frame number) -> frame annotation, for the drawn frames only: a category's file can
+        # hold >100k frames.
+        self._frames: dict[tuple[str, str, int], dict[str, Any]] = {}
+        counts = {"listed": 0, "quality": 0, "length": 0, "pose": 0}
         for cat in self.categories:
             for sel in self._select(cat, counts):
                 sid = f"co3d/{cat}/{sel.sequence_name}/frames-" + "-".join(str(n) for n in sel.frame_numbers)
@@ -199,16 +231,23 @@ class Co3DDataset(EvalDataset):
                 f"{counts['listed']} sequences listed in the split; {counts['quality']} removed by the quality "
                 f"filter (viewpoint_quality_score > {min_quality}); {counts['length']} removed for having fewer "
                 f"than max(min_sequence_length={self.min_sequence_length}, num_frames={num_frames}) = {min_len} "
-                "listed frames. Lower min_quality/min_sequence_length or pick another split/subset."
+                f"listed frames; {counts['pose']} removed for a broken pose (T[0] + T[1] + T[2] > "
+                f"{_MAX_POSE_T_SUM:g}). Lower min_quality/min_sequence_length or pick another split/subset."
             )
-        self._frames_cache: tuple[str, dict[tuple[str, int], dict[str, Any]]] | None = None
+
+    def settings(self) -> dict[str, object]:
+        return {
+            "num_frames": self.num_frames, "target_size": self.target_size, "split": self.split,
+            "subset": self.subset, "min_quality": self.min_quality, "min_sequence_length": self.min_sequence_length,
+            "seed": self.seed, "categories": self.categories,
+        }  # fmt: skip
 
     def _annotation_files(self, category: str) -> tuple[Path, Path, Path]:
         d = self.root / category
         return d / _FRAME_FILE, d / _SEQUENCE_FILE, d / "set_lists" / f"set_lists_{self.subset}.json"
 
     def _select(self, category: str, counts: dict[str, int]) -> list[_Selected]:
-        _, seq_file, list_file = self._annotation_files(category)
+        frame_file, seq_file, list_file = self._annotation_files(category)
         try:
             set_lists = json.loads(list_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -220,7 +259,7 @@ class Co3DDataset(EvalDataset):
         frames: dict[str, list[tuple[int, str]]] = {}  # set-list order, as VGGT's preprocessing
         for seq_name, frame_number, image_path in set_lists[self.split]:
             frames.setdefault(seq_name, []).append((int(frame_number), image_path))
-        out = []
+        kept: dict[str, list[tuple[int, str]]] = {}
         min_len = max(self.min_sequence_length, self.num_frames)
         for seq_name, seq_frames in frames.items():
             counts["listed"] += 1
@@ -231,28 +270,34 @@ class Co3DDataset(EvalDataset):
             if len(seq_frames) < min_len:
                 counts["length"] += 1
                 continue
+            kept[seq_name] = seq_frames
+        if not kept:
+            return []
+        listed = {(seq, n) for seq, seq_frames in kept.items() for n, _ in seq_frames}
+        annotations: dict[tuple[str, int], dict[str, Any]] = {}
+        broken: set[str] = set()
+        for fa in _read_jgz(frame_file):
+            key = (fa["sequence_name"], int(fa["frame_number"]))
+            if key not in listed:
+                continue
+            annotations[key] = fa
+            t = np.asarray(fa["viewpoint"]["T"], dtype=np.float64)
+            # VGGT's test: the plain sum, not its magnitude; a non-finite T would poison every pose error.
+            if not np.isfinite(t).all() or t[:3].sum() > _MAX_POSE_T_SUM:
+                broken.add(key[0])
+        out = []
+        for seq_name, seq_frames in kept.items():
+            if seq_name in broken:
+                counts["pose"] += 1
+                continue
             key = zlib.crc32(f"{category}/{seq_name}".encode())
             idx = np.random.default_rng([self.seed, key]).choice(len(seq_frames), self.num_frames, replace=False)
             chosen = [seq_frames[i] for i in idx]
             out.append(_Selected(category, seq_name, tuple(n for n, _ in chosen), tuple(p for _, p in chosen)))
+            for n, _ in chosen:
+                if (seq_name, n) in annotations:  # a missing one is reported by load, naming the file
+                    self._frames[(category, seq_name, n)] = annotations[(seq_name, n)]
         return out
-
-    def _frame_annotations(self, category: str) -> dict[tuple[str, int], dict[str, Any]]:
-        if self._frames_cache is None or self._frames_cache[0] != category:
-            wanted = {
-                (sel.sequence_name, n)
-                for sel in self._samples.values()
-                if sel.category == category
-                for n in sel.frame_numbers
-            }
-            # Keep only the selected frames: a category's file can hold >100k frames.
-            table = {}
-            for fa in _read_jgz(self._annotation_files(category)[0]):
-                key = (fa["sequence_name"], int(fa["frame_number"]))
-                if key in wanted:
-                    table[key] = fa
-            self._frames_cache = (category, table)
-        return self._frames_cache[1]
 
     def sample_ids(self) -> list[str]:
         return list(self._samples)
@@ -261,11 +306,10 @@ class Co3DDataset(EvalDataset):
         sel = self._samples.get(sample_id)
         if sel is None:
             raise self._unknown(sample_id)
-        table = self._frame_annotations(sel.category)
         paths = [self.root / p for p in sel.image_paths]
         extrinsics, intrinsics, size = [], [], None
         for n, path in zip(sel.frame_numbers, paths, strict=True):
-            fa = table.get((sel.sequence_name, n))
+            fa = self._frames.get((sel.category, sel.sequence_name, n))
             if fa is None:
                 raise ValueError(f"{self._annotation_files(sel.category)[0]} has no frame {n} of {sel.sequence_name}")
             h, w = (int(x) for x in fa["image"]["size"])

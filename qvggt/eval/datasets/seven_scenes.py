@@ -171,6 +171,13 @@ class SevenScenesDataset(EvalDataset):
     def sample_ids(self) -> list[str]:
         return list(self._samples)
 
+    def settings(self) -> dict[str, object]:
+        # Frame numbers are in the ids; the size, camera and depth scaling are not.
+        return {
+            "num_frames": self.num_frames, "target_size": self.target_size, "split": self.split,
+            "intrinsics": self.intrinsics.tolist(), "image_size": list(self.image_size), "depth_scale": self.depth_scale,
+        }  # fmt: skip
+
     def load(self, sample_id: str) -> EvalSample:
         sel = self._samples.get(sample_id)
         if sel is None:

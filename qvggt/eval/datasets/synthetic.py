@@ -108,6 +108,9 @@ class SyntheticEvalDataset(EvalDataset):
     def sample_ids(self) -> list[str]:
         return list(self._index)
 
+    def settings(self) -> dict[str, object]:
+        return {"num_frames": self.num_frames, "height": self.height, "width": self.width}
+
     def load(self, sample_id: str) -> EvalSample:
         if sample_id not in self._index:
             raise self._unknown(sample_id)
