@@ -27,7 +27,8 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2  # one worker per core of the CI machine (pytest-xdist)
 
 lint: setup
-	$(BIN)/ruff check qvggt tests
+	$(BIN)/ruff check qvggt tests flows tasks
+	$(BIN)/ruff format --check qvggt tests flows tasks
 
 # pydantic for the GPU image (Python 3.12, no pydantic, no registry): scripts/gpu_check.sh installs these for its
 # retention step. Run before a lent GPU's first call, and pass carry [".whl"] to the device tool (.whl/ is ignored).

@@ -31,9 +31,19 @@ from qvggt.config import ProjectConfig, job_name, load_config
 from qvggt.io import sha256_file
 from qvggt.pipeline.preflight import check_tracking_uri
 from qvggt.pipeline.results import SharedCache
+from qvggt.pipeline.tracking import artifact_root_for, resolve_tracking_uri, run_exists
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.compare import compare_configs
-from tasks.steps import benchmark, evaluate, fetch_base_weights, quantize, register, track, verify_base_weights
+from tasks.steps import (
+    QUANTIZE_CALIB_SCENES,
+    benchmark,
+    evaluate,
+    fetch_base_weights,
+    quantize,
+    register,
+    track,
+    verify_base_weights,
+)
 
 # QVGGT_RESULT_STORAGE=s3://bucket/prefix: task results and step artifacts in a bucket, a cache machines share
 # (qvggt.pipeline.results). Read at import, so a deployment's worker picks it up from its environment.
@@ -41,6 +51,9 @@ SHARED = SharedCache.from_env()
 
 
 def _git_revision() -> str:
+    """The code's commit: ``QVGGT_GIT_REVISION`` (the worker image bakes it in: it holds no .git), else git's."""
+    if os.environ.get("QVGGT_GIT_REVISION"):
+        return os.environ["QVGGT_GIT_REVISION"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
         return out.stdout.strip()
@@ -79,6 +92,15 @@ def _base_model_name(base_weights: str) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
+def _device(setting: str) -> str:
+    """params.yaml ``pipeline.device`` on this worker: "auto" is its GPU when it has one."""
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("pipeline.device is 'cuda' but this worker has no CUDA GPU: set it to 'auto' or 'cpu'")
+    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def _calibration_set(base: str, project: ProjectConfig, out: Path) -> str:
     """NFDS as four cached steps (params.yaml ``calibrate``, on the flow's base weights); the manifest's path."""
     c, data, where = project.calibrate, project.data.model_dump(mode="json"), str(out)
@@ -97,12 +119,15 @@ def _calibration_set(base: str, project: ProjectConfig, out: Path) -> str:
 @flow(name="quantize-vggt", result_storage=SHARED.block_ref if SHARED is not None else None)
 def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", base_model: str | None = None) -> dict:
     """Quantize ``base_weights`` (default: ``pipeline.base_weights``) with every job of ``params.yaml``; returns
-    {job name: {"checkpoint", "mlflow_run_id"}} plus the metrics path, the benchmark outcome and the registry's
-    decision. ``base_model`` names the registered model ``qvggt-<base_model>`` (default: the checkpoint's folder
-    name, ``small`` for ``models/small/model.safetensors``, as the watcher flow assumes)."""
+    {job name: {"checkpoint", "mlflow_run_id", "wbits", "abits"}} plus the metrics path, the benchmark outcome, the
+    registry's decision and the tracking URI used. ``base_model`` names the registered model ``qvggt-<base_model>``
+    (default: the checkpoint's folder name, ``small`` for ``models/small/model.safetensors``; the watcher passes
+    the name it reads the champion of)."""
     project = load_config(params)
     cfg = project.pipeline
-    check_tracking_uri(cfg.mlflow_tracking_uri)  # an unreachable server fails now, not after the quantization
+    tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)  # a deployment's MLFLOW_TRACKING_URI wins
+    check_tracking_uri(tracking_uri)  # an unreachable server fails now, not after the quantization
+    device = _device(cfg.device)  # as does "cuda" on a worker without a GPU
     source = base_weights or cfg.base_weights
     model_name = base_model or _base_model_name(source)
     # s3:// weights are pulled (sha256-verified) into the local weights cache; every step reads that copy, and the
@@ -113,26 +138,33 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     manifest = _calibration_set(base, project, out / "calib")
     jobs = [job.model_dump() for job in cfg.jobs]
     data = project.data.model_dump(mode="json")  # the splits every step draws from, part of their cache keys
-    futures = [quantize.submit(job, base, str(out / "models"), cfg.calib_scenes, manifest, data) for job in jobs]
-    checkpoints = [
-        _verified(f.result(), quantize, job, base, str(out / "models"), cfg.calib_scenes, manifest, data)
-        for f, job in zip(futures, jobs, strict=True)
-    ]
-    eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames, data)
+    job_args = [(job, base, str(out / "models"), manifest, data, QUANTIZE_CALIB_SCENES, device) for job in jobs]
+    if device == "cpu":  # concurrently: each job's model copy in host memory
+        futures = [quantize.submit(*args) for args in job_args]
+        results = [f.result() for f in futures]
+    else:  # one at a time: one model copy on the GPU
+        results = [quantize(*args) for args in job_args]
+    checkpoints = [_verified(r, quantize, *args) for r, args in zip(results, job_args, strict=True)]
+    eval_args = (base, checkpoints, str(out / "eval"), cfg.eval_scenes, cfg.eval_frames, data, device)
     metrics_path = _verified(evaluate(*eval_args), evaluate, *eval_args)
     _verified(compare_configs(metrics_path), compare_configs, metrics_path)  # into the report MLflow logs
     _share(*(Path(c).parent for c in checkpoints), Path(metrics_path).parent)
     bench = benchmark(checkpoints, str(out / "bench"), jobs)
     run_id = flow_run.get_id() or "local"
     revision, dvc_rev = _git_revision(), _dvc_revision()
+    artifacts = artifact_root_for(tracking_uri, out)
     runs = {}
     for job, ckpt in zip(jobs, checkpoints, strict=True):
-        name = job_name(job)
-        rid = track(job, ckpt, metrics_path, bench, base_sha, cfg.mlflow_tracking_uri, run_id, revision, dvc_rev)
-        runs[name] = {"checkpoint": ckpt, "mlflow_run_id": rid}
-    registry = register(runs, metrics_path, bench, model_name, base_sha, cfg.mlflow_tracking_uri)
+        track_args = (job, ckpt, metrics_path, bench, base_sha, tracking_uri, run_id, revision, dvc_rev,
+                      None if artifacts is None else str(artifacts))  # fmt: skip
+        rid = track(*track_args)
+        if not run_exists(tracking_uri, rid):  # a cache record of a run the store no longer has: log it again
+            rid = track.with_options(refresh_cache=True)(*track_args)
+        runs[job_name(job)] = {"checkpoint": ckpt, "mlflow_run_id": rid, "wbits": job["wbits"], "abits": job["abits"]}
+    registry = register(runs, metrics_path, bench, model_name, base_sha, tracking_uri)
     return {
-        "runs": runs, "metrics": metrics_path, "benchmark": bench, "registry": registry, "git_revision": revision
+        "runs": runs, "metrics": metrics_path, "benchmark": bench, "registry": registry, "git_revision": revision,
+        "tracking_uri": tracking_uri,
     }  # fmt: skip
 
 
@@ -155,8 +187,8 @@ def main() -> None:
         rid = result["runs"].get(name, {}).get("mlflow_run_id", "-")
         print(f"| {model} | {m.get('fid_pose_auc@30', float('nan')):.1f} | {m.get('depth_abs_rel', float('nan')):.4f} "
               f"| {m.get('fid_rel_l2_depth', float('nan')):.2e} | {rid} |")  # fmt: skip
-    cfg = load_config(args.params).pipeline
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}")
+    uri = result["tracking_uri"]
+    print(f"\nMLflow UI: {uri if uri.startswith('http') else f'mlflow ui --backend-store-uri {uri}'}")
     print(f"report:    {Path(result['metrics']).parent / 'report' / 'report.md'}")
     reg = result["registry"]
     print(f"registry:  versions {reg['versions']}; champion {reg['champion']} ({reg['reason']})")

@@ -9,9 +9,15 @@ On each run (hourly in ``prefect.yaml``) it
 3. when they differ (or there is no champion yet) starts the ``quantize-vggt`` deployment through the Prefect
    API (``run_deployment``) with the weights as a parameter, and returns at once (``timeout=0``).
 
-The run it starts carries the idempotency key ``base-weights:<kind>:<value>``, so the same weights never start
-two runs: if the started run fails, or produces no eligible champion, the next ticks do not pile up duplicates
-(start one by hand after fixing the cause: ``prefect deployment run quantize-vggt/requantize``).
+The run it starts gets ``base_model`` too (so it registers under the name this watcher reads) and carries the
+idempotency key ``base-weights:<kind>:<value>:from:<champion's value or none>:attempt-<n>``:
+
+- the same weights against the same champion never start two runs: while one is scheduled or running, and after
+  one completed (even with no eligible champion: the rule said no), the next ticks start nothing;
+- a run that FAILED, CRASHED or was CANCELLED is started again on the next tick, up to ``max_attempts`` in all;
+  then the watcher logs an error and stops trying (fix the cause, then start one by hand:
+  ``prefect deployment run quantize-vggt/requantize``);
+- a rollback (weights A, then B, then A again) is seen: the champion is B's by then, so the key is new.
 
 Connection settings come from the environment only: ``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``, ``AWS_*`` and
 ``AWS_ENDPOINT_URL_S3``. None is a flow parameter, so none is stored in Prefect's run records.
@@ -26,35 +32,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tasks` is a top-level folder of the repo
 
 from prefect import flow, get_run_logger, task
 from prefect.deployments import run_deployment
 
 from qvggt.pipeline.credentials import assert_no_secrets
+from tasks.common import retry_transient
 
 QUANTIZE_FLOW = "quantize-vggt"  # the flow name in flows/quantize_vggt.py
 DEFAULT_DEPLOYMENT = f"{QUANTIZE_FLOW}/requantize"  # as named in prefect.yaml
 WATCH_FLOW = "watch-base-weights"
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O and network faults (file system, S3, tracking server); fail at once on anything else."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
-    try:
-        state.result()
-    except FileNotFoundError:
-        return False  # missing weights: a wrong path, not a transient fault
-    except (OSError, BotoConnectionError, HTTPClientError):
-        return True
-    except Exception:  # noqa: BLE001 - everything else is a real error: do not retry
-        return False
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient, persist_result=False)
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_transient, persist_result=False)
 def base_fingerprint(base_weights: str) -> dict[str, str]:
     """``{"kind", "value", "tag"}`` of the base weights (see qvggt.pipeline.storage.fingerprint)."""
     from qvggt.pipeline.storage import fingerprint
@@ -63,7 +58,7 @@ def base_fingerprint(base_weights: str) -> dict[str, str]:
     return {"kind": fp.kind, "value": fp.value, "tag": fp.tag}
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_transient, persist_result=False)
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_transient, persist_result=False)
 def champion_tags(base_model: str) -> dict[str, str] | None:
     """The champion model version's tags for ``base_model``, or None when there is no champion yet.
 
@@ -83,6 +78,7 @@ def watch_base_weights(
     weights_parameter: str = "base_weights",
     extra_parameters: dict[str, Any] | None = None,
     trigger_without_champion: bool = True,
+    max_attempts: int = 3,
 ) -> dict[str, Any]:
     """Compare the base weights with the champion's and start ``deployment`` when they differ.
 
@@ -92,12 +88,15 @@ def watch_base_weights(
     weights_parameter: the name of the started flow's parameter that receives ``base_weights``.
     extra_parameters: more parameters for the started run (no secrets: they are stored by Prefect).
     trigger_without_champion: start a run when the base model has no champion yet (first run).
+    max_attempts: runs started in all for the same weights and champion when earlier ones failed (module docstring).
 
     Returns a summary: ``changed``, the fingerprints compared, and the started ``flow_run_id`` (or None).
     """
     logger = get_run_logger()
     if deployment.split("/", 1)[0] != QUANTIZE_FLOW or "/" not in deployment:
         raise ValueError(f"deployment must be '{QUANTIZE_FLOW}/<name>', got {deployment!r}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     current = base_fingerprint(base_weights)
     champion = champion_tags(base_model)
     recorded = None if champion is None else champion.get(current["tag"])
@@ -120,18 +119,30 @@ def watch_base_weights(
     if not changed:
         logger.info("base weights %s unchanged (%s); nothing to do", base_weights, summary["fingerprint"][:19])
         return summary
-    parameters = {**(extra_parameters or {}), weights_parameter: base_weights}
+    parameters = {**(extra_parameters or {}), weights_parameter: base_weights, "base_model": base_model}
     assert_no_secrets(parameters, what="deployment parameters")
-    run = run_deployment(
-        name=deployment,
-        parameters=parameters,
-        timeout=0,  # start it and return: the quantize flow runs on a GPU worker and takes a while
-        as_subflow=False,  # its own lineage; the watcher's tiny run should not own a long pipeline run
-        idempotency_key=f"base-weights:{current['kind']}:{current['value']}",
-        tags=["base-weights-changed", f"base-{current['kind']}-{current['value'][:12]}"],
-    )
-    summary["flow_run_id"] = str(run.id)
-    logger.info("base weights changed (%s): started %s run %s", reason, deployment, run.id)
+    key = f"base-weights:{current['kind']}:{current['value']}:from:{recorded or 'none'}"
+    for attempt in range(1, max_attempts + 1):
+        # An existing run with this key is returned as it is (Prefect's idempotency), a new key starts one.
+        run = run_deployment(
+            name=deployment,
+            parameters=parameters,
+            timeout=0,  # start it and return: the quantize flow runs on a GPU worker and takes a while
+            as_subflow=False,  # its own lineage; the watcher's tiny run should not own a long pipeline run
+            idempotency_key=f"{key}:attempt-{attempt}",
+            tags=["base-weights-changed", f"base-{current['kind']}-{current['value'][:12]}"],
+        )
+        failed = run.state is not None and (run.state.is_failed() or run.state.is_crashed() or run.state.is_cancelled())
+        if not failed:
+            break
+    summary.update(flow_run_id=str(run.id), attempt=attempt, gave_up=failed)
+    if failed:
+        logger.error(
+            "base weights changed (%s) but all %d runs for them failed (last: %s, %s): fix the cause, then start one "
+            "by hand (prefect deployment run %s)", reason, max_attempts, run.id, run.state.type.value, deployment,
+        )  # fmt: skip
+    else:
+        logger.info("base weights changed (%s): %s run %s (attempt %d)", reason, deployment, run.id, attempt)
     return summary
 
 

@@ -241,9 +241,13 @@ class PipelineConfig(Section):
             QuantJob(method="rtn", wbits=4, abits=4),
         ]
     )
-    calib_scenes: int = Field(8, gt=0)
+    # No calib_scenes: the flow always quantizes on the `calibrate` section's NFDS set (its size is
+    # n_clusters * n_per_cluster); a key that changed nothing was refused rather than kept.
     eval_scenes: int = Field(8, gt=0)
     eval_frames: int = Field(4, ge=2)
+    # Where quantize and evaluate run: "auto" = the worker's GPU when it has one (jobs then run one at a time: one
+    # model copy on the GPU), else its CPU (jobs concurrently). "cuda" without a GPU fails before any work.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "runs/pipeline"
     mlflow_tracking_uri: str = "sqlite:///runs/pipeline/mlflow.db"
 

@@ -10,23 +10,18 @@ from prefect import task
 
 from qvggt.config import job_name
 from qvggt.pipeline.cache import step_key
-from tasks.common import maybe_inject_fault, retry_transient
+from tasks.common import data_config, keyed_dir, maybe_inject_fault, retry_transient
 
 RETRY = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient, "persist_result": True}
 
 
-def _data_config(data: dict | None) -> Any:
-    """params.yaml ``data`` (a JSON-able dict, so it hashes into cache keys) as the typed section; None: defaults."""
-    from qvggt.config import DataConfig
-
-    return DataConfig() if data is None else DataConfig.model_validate(data)
-
-
 def _quantize_key(context: Any, p: dict[str, Any]) -> str:
     manifest = [p["calib_manifest"]] if p.get("calib_manifest") else []  # the calibration set, by content
+    scenes = None if manifest else p.get("calib_scenes", QUANTIZE_CALIB_SCENES)  # used only without a manifest
     return step_key(
         "quantize", [p["base_weights"], *manifest],
-        {"job": p["job"], "calib_scenes": p["calib_scenes"], "out": p["out_dir"], "data": p.get("data")},
+        {"job": p["job"], "calib_scenes": scenes, "out": p["out_dir"], "data": p.get("data"),
+         "device": p.get("device", "cpu")},
         ("quant", "model", "data", "calib"),
     )  # fmt: skip
 
@@ -50,21 +45,26 @@ def verify_base_weights(base_weights: str) -> str:
     return sha256_file(base_weights)
 
 
+QUANTIZE_CALIB_SCENES = 8
+
+
 @task(name="quantize", cache_key_fn=_quantize_key, **RETRY)
 def quantize(
-    job: dict, base_weights: str, out_dir: str, calib_scenes: int, calib_manifest: str | None = None,
-    data: dict | None = None,
+    job: dict, base_weights: str, out_dir: str, calib_manifest: str | None = None, data: dict | None = None,
+    calib_scenes: int = QUANTIZE_CALIB_SCENES, device: str = "cpu",
 ) -> str:  # fmt: skip
     """Quantize ``base_weights`` as ``job`` ({method, wbits, abits}) on the calibration set of ``calib_manifest``
-    (the cluster-frames step's output; ``data``: params.yaml ``data``, the splits it was drawn from); returns the
-    packed checkpoint's path."""
+    (the cluster-frames step's output; ``data``: params.yaml ``data``, the splits it was drawn from), or without
+    one on the first ``calib_scenes`` scenes of the calibration split; returns the
+    packed checkpoint's path (``out_dir/<key>/<job name>/model.safetensors``)."""
+    where = keyed_dir(out_dir, _quantize_key, dict(locals()))
     from qvggt.quant.command import run_quantize
 
     maybe_inject_fault("quantize")
     name = job_name(job)
     result = run_quantize(
-        job["method"], job["wbits"], job["abits"], Path(out_dir) / name, base_weights, calib_scenes=calib_scenes,
-        calib_manifest=calib_manifest, data=_data_config(data), options=job.get("options"),
+        job["method"], job["wbits"], job["abits"], where / name, base_weights, calib_scenes=calib_scenes,
+        calib_manifest=calib_manifest, data=data_config(data), options=job.get("options"), device=device,
     )  # fmt: skip
     return str(result.path)
 
@@ -72,24 +72,27 @@ def quantize(
 def _evaluate_key(context: Any, p: dict[str, Any]) -> str:
     return step_key(
         "evaluate", [p["base_weights"], *p["quantized"]], {"scenes": p["scenes"], "frames": p["frames"],
-                                                            "out": p["out_dir"], "data": p.get("data")},
+                                                            "out": p["out_dir"], "data": p.get("data"),
+                                                            "device": p.get("device", "cpu")},
         ("eval", "model", "data", "quant", "geometry"),
     )  # fmt: skip
 
 
 @task(name="evaluate", cache_key_fn=_evaluate_key, **RETRY)
 def evaluate(
-    base_weights: str, quantized: list[str], out_dir: str, scenes: int, frames: int, data: dict | None = None
-) -> str:
+    base_weights: str, quantized: list[str], out_dir: str, scenes: int, frames: int, data: dict | None = None,
+    device: str = "cpu",
+) -> str:  # fmt: skip
     """FP and every quantized model on the same held-out scenes (params.yaml ``data``); returns the metrics.json
-    path."""
+    path (``out_dir/<key>/metrics.json``: a rerun with other models or settings never meets this one's scenes)."""
+    where = keyed_dir(out_dir, _evaluate_key, dict(locals()))
     from qvggt.eval.command import run_eval
 
     run_eval(
-        base_weights, quantized, "synthetic:eval", out_dir, frames=frames, scenes=scenes, progress=False,
-        data=_data_config(data),
+        base_weights, quantized, "synthetic:eval", where, frames=frames, scenes=scenes, progress=False,
+        data=data_config(data), device=device,
     )  # fmt: skip
-    return str(Path(out_dir) / "metrics.json")
+    return str(where / "metrics.json")
 
 
 @task(name="benchmark", **RETRY)
@@ -135,43 +138,33 @@ def track(
     flow_run_id: str,
     git_revision: str = "unknown",
     dvc_revision: str = "unknown",
+    artifact_root: str | None = None,
 ) -> str:
-    """Log one quantized config to MLflow (experiment per base model); returns the run id.
+    """Log one quantized config to MLflow (experiment per base model); returns the run id. ``artifact_root``: where a
+    new experiment keeps its artifacts (``qvggt.pipeline.tracking.artifact_root_for``; None: the server's store).
 
     The git and DVC revisions are tags, not part of the cache key: a commit that changes no code this step depends
     on does not re-log (the run keeps the revisions that produced it)."""
-    from qvggt.pipeline.tracking import log_quantized_run
+    from qvggt.pipeline.tracking import calibration_tags, config_metrics, log_quantized_run
     from qvggt.quant.export import read_manifest
 
-    metrics_doc = json.loads(Path(metrics_path).read_text())
     name = job_name(job)
-    model_key = next(k for k in metrics_doc["aggregate"] if k.startswith(name + "/"))
-    metrics = {k: v for k, v in metrics_doc["aggregate"][model_key].items() if isinstance(v, (int, float))}
-    for k, entry in metrics_doc.get("comparison", {}).get(model_key, {}).items():
-        if "retention" in entry:
-            metrics[f"retention_{k}"] = entry["retention"]
     packed = read_manifest(checkpoint)
-    summary = packed["summary"]
-    calibration = packed.get("calibration") or {}
-    metrics.update(weight_bytes=summary["weight_bytes_after"], compression=summary["compression"])
+    metrics = config_metrics(json.loads(Path(metrics_path).read_text()), name, packed)
     if not bench["skipped"]:  # latency, frames/s, peak memory and speedup of this job's formats, per frame count
         from qvggt.pipeline.bench_metrics import bench_metrics
 
         metrics.update(bench_metrics(bench["bench_json"], job["wbits"], job["abits"]))
     tags = {
         "base_sha256": base_sha256, "prefect_flow_run_id": flow_run_id, "git_revision": git_revision,
-        "gpu_benchmark": str(not bench["skipped"]), "dvc_revision": dvc_revision,
-        # Which calibration set (qvggt calibrate manifest) it saw; "none" for data-free methods such as rtn.
-        "calib_manifest_sha256": calibration.get("manifest_sha256") or "none",
-        "calib_samples": str(len(calibration.get("sample_ids") or [])),
+        "gpu_benchmark": str(not bench["skipped"]), "dvc_revision": dvc_revision, **calibration_tags(packed),
     }  # fmt: skip
     if bench["skipped"]:
         tags["gpu_benchmark_skipped_reason"] = bench["reason"]
     report = Path(metrics_path).parent / "report"
     return log_quantized_run(
         tracking_uri, f"qvggt-{base_sha256[:12]}", name, job, metrics, tags,
-        {"checkpoint": Path(checkpoint).parent, "report": report},
-        artifact_root=Path(checkpoint).parents[2] / "mlartifacts",  # <out_dir>/models/<job>/model.safetensors
+        {"checkpoint": Path(checkpoint).parent, "report": report}, artifact_root=artifact_root,
     )  # fmt: skip
 
 
@@ -189,21 +182,24 @@ def register(
 ) -> dict:
     """Register every tracked config as a model version of ``qvggt-<base_model>``, then apply the champion rule once.
 
-    ``runs``: {config name: {"checkpoint", "mlflow_run_id"}}. Returns {"versions": {name: version}, "champion":
+    ``runs``: {config name: {"checkpoint", "mlflow_run_id", "wbits", "abits"}}; each config's speedup is its
+    formats' in the GPU benchmark (None when it was skipped). Returns {"versions": {name: version}, "champion":
     version or None, "reason": the rule's explanation}.
     """
     from mlflow import MlflowClient
 
+    from qvggt.pipeline.bench_metrics import job_speedup
     from qvggt.pipeline.registry import CandidateMetrics, register_candidate, update_champion
+    from qvggt.pipeline.tracking import eval_model_key
     from qvggt.quant.export import read_manifest
 
     client = MlflowClient(tracking_uri)
     metrics_doc = json.loads(Path(metrics_path).read_text())
-    speedup = None if bench.get("skipped") else bench.get("speedup")
     versions = {}
     for name, run in runs.items():
-        model_key = next(k for k in metrics_doc["comparison"] if k.startswith(name + "/"))
+        model_key = eval_model_key(metrics_doc, name)
         weight_bytes = read_manifest(run["checkpoint"])["summary"]["weight_bytes_after"]
+        speedup = None if bench["skipped"] else job_speedup(bench["bench_json"], run["wbits"], run["abits"])
         candidate = CandidateMetrics.from_eval(metrics_doc, model_key, weight_bytes=weight_bytes, speedup=speedup)
         versions[name] = register_candidate(
             run["mlflow_run_id"], base_model, base_sha256, candidate, artifact_path="checkpoint", config_name=name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["BENCH_CONFIG_OF", "bench_config_for", "bench_configs_for", "bench_metrics"]
+__all__ = ["BENCH_CONFIG_OF", "bench_config_for", "bench_configs_for", "bench_metrics", "job_speedup"]
 
 # (weight bits, activation bits) -> the bench config that runs those integer formats.
 BENCH_CONFIG_OF: dict[tuple[int, int | None], str] = {(8, 8): "w8a8-int8", (4, 8): "w4a8-int8", (4, 4): "w4a4"}
@@ -50,3 +50,13 @@ def bench_metrics(bench_json: str | Path, wbits: int, abits: int | None) -> dict
         if r.get("median_ms") and f in reference:
             metrics[f"bench_speedup_{f}f"] = reference[f] / r["median_ms"]
     return metrics
+
+
+def job_speedup(bench_json: str | Path, wbits: int, abits: int | None) -> float | None:
+    """The registry's speedup of a W{wbits}A{abits} job: its config's speedup over the reference at the largest frame
+    count both measured (the pipeline benchmarks 8 and 32 frames, fewer after an out-of-memory retry); None when its
+    config has no kernel or did not run."""
+    prefix = "bench_speedup_"
+    speedups = {int(k[len(prefix) : -1]): v for k, v in bench_metrics(bench_json, wbits, abits).items()
+                if k.startswith(prefix)}  # fmt: skip
+    return speedups[max(speedups)] if speedups else None

@@ -18,9 +18,28 @@ from typing import Any
 import qvggt
 from qvggt.io import sha256_file
 
-__all__ = ["source_hash", "step_key"]
+__all__ = ["file_digest", "source_hash", "step_key"]
 
 _ROOT = Path(qvggt.__file__).parent
+
+
+_MEMO_MIN_BYTES = 64 << 20
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return sha256_file(path)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file. A step's key is computed by Prefect and again by the task (for its output folder), and
+    base weights of several GB should be read once, not per call: files of 64 MiB or more are memoised on (path,
+    size, mtime, ctime, inode). Rewriting that much takes far longer than a timestamp tick, so a rewrite always
+    shows; smaller files, which could be rewritten within one tick at the same size, are hashed every time."""
+    st = Path(path).stat()
+    if st.st_size < _MEMO_MIN_BYTES:
+        return sha256_file(path)
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @lru_cache(maxsize=64)
@@ -45,7 +64,7 @@ def step_key(
     """The cache key of one step run: step name, input file hashes, settings, qvggt version and source hash."""
     parts = {
         "step": step,
-        "files": [sha256_file(f) for f in files],
+        "files": [file_digest(f) for f in files],
         "settings": settings or {},
         "qvggt": qvggt.__version__,
         "source": source_hash(tuple(subpackages)),

@@ -244,6 +244,15 @@ def _client(client: Any | None) -> Any:
     return MlflowClient()
 
 
+# What MLflow answers for a registered model or alias that does not exist (SQLite store and REST server alike; an
+# unknown alias is INVALID_PARAMETER_VALUE). Anything else (an outage, 401/403, a bad store) is a real error.
+_ABSENT = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+def _is_absent(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in _ABSENT
+
+
 def register_candidate(
     run_id: str,
     base_model: str,
@@ -268,13 +277,17 @@ def register_candidate(
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not _is_absent(exc):
+            raise
         try:
             client.create_registered_model(
                 name, description=f"Quantized {base_model} checkpoints. {RULE_SUMMARY}.", tags={"rule": RULE_VERSION}
             )
-        except MlflowException:
-            pass  # created concurrently by another flow run
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # created concurrently by another flow run
     tags = {"base_sha256": base_sha256, "base_model": base_model, "config": config_name, **metrics.to_tags()}
     if base_etag:
         tags["base_etag"] = base_etag
@@ -286,14 +299,19 @@ def register_candidate(
 
 
 def current_champion(base_model: str, client: Any | None = None) -> Any | None:
-    """The champion ModelVersion of ``base_model`` (its tags hold ``base_sha256``), or None if there is none."""
+    """The champion ModelVersion of ``base_model`` (its tags hold ``base_sha256``), or None if there is none.
+
+    Only "no such model / alias" means none: an unreachable or refusing server raises, so that the watcher does not
+    take an outage for "no champion yet" and start a GPU run."""
     client = _client(client)
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(registered_model_name(base_model), CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _is_absent(exc):
+            return None
+        raise
 
 
 def update_champion(base_model: str, base_sha256: str, client: Any | None = None) -> Decision:

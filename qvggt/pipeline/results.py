@@ -20,8 +20,9 @@ Endpoint and credentials are the ones :class:`S3Store` uses (``AWS_ENDPOINT_URL_
 the saved ``S3Bucket`` block holds the bucket, folder and endpoint, never a key.
 
 Limits: output folders must lie under the working directory (``pipeline.out_dir`` relative, as by default; an
-absolute one is not shared, and its cache keys differ between machines anyway). Two parameter sets that write the
-same ``out_dir`` overwrite each other's shared artifacts, as they do locally; give each its own ``out_dir``.
+absolute one is not shared, and its cache keys differ between machines anyway). Each step writes into a folder
+named by its cache key (``tasks.common.keyed_dir``), so parameter sets sharing an ``out_dir`` never overwrite each
+other's artifacts, here or in the bucket.
 """
 
 from __future__ import annotations

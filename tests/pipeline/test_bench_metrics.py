@@ -9,7 +9,7 @@ import pytest
 
 from qvggt.bench.configs import parse_configs
 from qvggt.bench.run import run_bench
-from qvggt.pipeline.bench_metrics import bench_configs_for, bench_metrics
+from qvggt.pipeline.bench_metrics import bench_configs_for, bench_metrics, job_speedup
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +34,11 @@ def test_metrics_of_a_config_with_speedup_over_the_reference(bench_json: Path) -
 
 def test_a_format_without_a_kernel_has_no_bench_metrics(bench_json: Path) -> None:
     assert bench_metrics(bench_json, 3, 3) == {} and bench_metrics(bench_json, 8, None) == {}
+    assert job_speedup(bench_json, 3, 3) is None
+
+
+def test_each_job_gets_its_own_formats_speedup_at_the_largest_frame_count(bench_json: Path) -> None:
+    """What the registry's champion rule compares: per job, not one number for the whole benchmark."""
+    for bits in ((4, 4), (8, 8)):
+        assert job_speedup(bench_json, *bits) == bench_metrics(bench_json, *bits)["bench_speedup_2f"]
+    assert job_speedup(bench_json, 4, 4) != job_speedup(bench_json, 8, 8)

@@ -52,7 +52,6 @@ def test_fresh_clone_repro_twice_then_push(tmp_path: Path) -> None:
         "base_weights": "models/small/model.safetensors",
         # An option: the stage must pass it on (`qvggt quantize --job`), not only method and bits.
         "jobs": [{"method": "rtn", "wbits": 8, "abits": 8, "options": {"clip_search": True}}],
-        "calib_scenes": 1,
         "eval_scenes": 1,
         "eval_frames": 2,
     }

@@ -38,22 +38,29 @@ def test_killed_flow_resumes_from_finished_steps(tmp_path: Path) -> None:
            "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     env.pop("PREFECT_API_URL", None)
 
-    scenes = tmp_path / "out" / "eval" / "scenes.jsonl"
+    def eval_file(name: str) -> Path:
+        """``out/eval/<the evaluate step's key>/<name>`` (a path that does not exist until that folder does)."""
+        found = list((tmp_path / "out" / "eval").glob(f"*/{name}"))
+        assert len(found) <= 1, found
+        return found[0] if found else tmp_path / "out" / "eval" / "none-yet" / name
+
     # Its own session: the kill takes the flow and the temporary Prefect server it started, as a crash would.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 400
     while proc.poll() is None and time.monotonic() < deadline:
+        scenes = eval_file("scenes.jsonl")
         if scenes.is_file() and scenes.read_text().count("\n") >= 1:
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    scenes = eval_file("scenes.jsonl")
     done_before = scenes.read_text().splitlines()
     assert 1 <= len(done_before) < SCENES, "the flow was not interrupted inside the evaluation"
     checkpoint = next((tmp_path / "out" / "models").rglob("model.safetensors"))
     mtime = checkpoint.stat().st_mtime_ns
-    assert not (tmp_path / "out" / "eval" / "metrics.json").exists()
+    assert not (scenes.parent / "metrics.json").exists()
 
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     log = r.stdout + r.stderr
@@ -63,4 +70,4 @@ def test_killed_flow_resumes_from_finished_steps(tmp_path: Path) -> None:
     assert checkpoint.stat().st_mtime_ns == mtime  # finished work is not redone
     lines = scenes.read_text().splitlines()
     assert len(lines) == SCENES and lines[: len(done_before) - 1] == done_before[:-1]  # resumed, not restarted
-    assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
+    assert (scenes.parent / "metrics.json").is_file()  # the same keyed folder: resumed in place

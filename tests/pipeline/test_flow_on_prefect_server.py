@@ -111,8 +111,8 @@ def test_flow_runs_against_the_server_and_reruns_from_cache(server: tuple[str, d
         "eval_seeds": {"start": 250_000, "stop": 250_100},
     }
     doc["pipeline"] = {
-        "base_weights": str(base), "jobs": [{"method": "smoothquant", "wbits": 8, "abits": 8}], "calib_scenes": 1,
-        "eval_scenes": 1, "eval_frames": 2, "out_dir": str(tmp_path / "out"),
+        "base_weights": str(base), "jobs": [{"method": "smoothquant", "wbits": 8, "abits": 8}], "eval_scenes": 1,
+        "eval_frames": 2, "out_dir": str(tmp_path / "out"),
         "mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }  # fmt: skip
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
@@ -122,9 +122,12 @@ def test_flow_runs_against_the_server_and_reruns_from_cache(server: tuple[str, d
         assert r.returncode == 0, f"{attempt} run:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         assert "Starting temporary server" not in r.stdout + r.stderr  # it used the configured server
 
-    manifest = json.loads((tmp_path / "out" / "calib" / "manifest.json").read_text())
+    # One folder per step key: the rerun was all cache hits, so each step wrote one.
+    (manifest_path,) = (tmp_path / "out" / "calib").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
     assert all(sid.endswith(("/150000", "/150001", "/150002", "/150003")) for sid in manifest["pool_ids"])
-    scenes = [json.loads(line) for line in (tmp_path / "out" / "eval" / "scenes.jsonl").read_text().splitlines()]
+    (scenes_path,) = (tmp_path / "out" / "eval").glob("*/scenes.jsonl")
+    scenes = [json.loads(line) for line in scenes_path.read_text().splitlines()]
     assert [s["sample_id"].rsplit("/", 1)[1] for s in scenes] == ["250000"]
 
     runs = _api(f"{api}/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"})

@@ -26,7 +26,7 @@ def _params(tmp: Path, base: Path, **pipeline: object) -> Path:
     doc["pipeline"] = {
         "base_weights": str(base),
         "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}, {"method": "smoothquant", "wbits": 4, "abits": 8}],
-        "calib_scenes": 1, "eval_scenes": 1, "eval_frames": 2, "out_dir": str(tmp / "out"),
+        "eval_scenes": 1, "eval_frames": 2, "out_dir": str(tmp / "out"),
         "mlflow_tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", **pipeline,
     }  # fmt: skip
     path = tmp / "params.yaml"
@@ -61,8 +61,8 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
     out = first.stdout + first.stderr
     assert "GPU benchmark was skipped" in out  # no GPU here: a visible skip with its reason
     checkpoints = sorted((tmp / "out" / "models").rglob("model.safetensors"))
-    assert (tmp / "out" / "calib" / "manifest.json").is_file()  # the NFDS calibration set the quantize keys hash
-    assert [p.parent.name for p in checkpoints] == ["rtn-w8a8", "smoothquant-w4a8"]
+    assert len(list((tmp / "out" / "calib").glob("*/manifest.json"))) == 1  # the NFDS set the quantize keys hash
+    assert sorted(p.parent.name for p in checkpoints) == ["rtn-w8a8", "smoothquant-w4a8"]  # models/<key>/<job>/
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name.startswith("qvggt-")]
     runs = client.search_runs([exp.experiment_id])
@@ -90,9 +90,16 @@ def test_flow_tracks_every_config_then_reruns_from_cache(workspace: tuple[Path, 
     assert len(client.search_runs([exp.experiment_id])) == 2  # nothing logged twice
 
     checkpoints[0].unlink()  # an artifact deleted behind the cache's back is recomputed, never trusted
+    (tmp / "mlflow.db").unlink()  # and the tracking store reset (`make clean` removes runs/, not Prefect's cache)
     third = _run(tmp, params)
     assert third.returncode == 0, third.stderr[-3000:]
     assert checkpoints[0].is_file() and checkpoints[1].stat().st_mtime_ns == mtimes[checkpoints[1]]
+    # The cached "logged as run X" records named runs the new store lacks: both configs are logged and registered
+    # again, rather than the flow printing run ids and versions that do not exist.
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name.startswith("qvggt-")]
+    assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == ["rtn-w8a8", "smoothquant-w4a8"]
+    assert len(client.search_model_versions()) == 2
 
 
 def test_transient_fault_is_retried(workspace: tuple[Path, Path], tmp_path: Path) -> None:
@@ -107,7 +114,18 @@ def test_transient_fault_is_retried(workspace: tuple[Path, Path], tmp_path: Path
 
 @pytest.mark.parametrize(
     "pipeline,message",
-    [({"jobs": []}, "pipeline.jobs"), ({"eval_frames": 1}, "eval_frames"), ({"jobz": 1}, "jobz")],
+    [
+        ({"jobs": []}, "pipeline.jobs"),
+        ({"eval_frames": 1}, "eval_frames"),
+        ({"jobz": 1}, "jobz"),
+        ({"device": "gpu"}, "pipeline.device"),
+        ({"calib_scenes": 8}, "calib_scenes"),  # removed: the NFDS set's size is the calibrate section's
+        pytest.param(
+            {"device": "cuda"},
+            "this worker has no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without a GPU"),
+        ),
+    ],
 )
 def test_bad_config_fails_at_once(workspace: tuple[Path, Path], tmp_path: Path, pipeline: dict, message: str) -> None:
     tmp, _ = workspace

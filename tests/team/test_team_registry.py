@@ -188,3 +188,36 @@ def test_champion_better_takes_worse_does_not(mlflow_client, tmp_path: Path) -> 
     faithful = add("w8a8-weak", SHA_C, _m(100.0, 100.0, 4000, base=1.5, fid=98.2))
     d = update_champion(base, SHA_C, client=mlflow_client)
     assert d.changed and champion() == faithful and "fidelity 98.20%" in d.reason, d.reason
+
+
+def test_a_refusing_server_is_an_error_not_no_champion(mlflow_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only "no such model / alias" reads as no champion: a server that answers 403 (or is down) raises, so that
+    the watcher does not take an outage for "no champion yet" and start a GPU run."""
+    import http.server
+    import threading
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    assert current_champion("never-registered", client=mlflow_client) is None  # absent model: none
+    mlflow_client.create_registered_model(registered_model_name("no-alias-yet"))
+    assert current_champion("no-alias-yet", client=mlflow_client) is None  # model without the alias: none
+
+    class Forbidden(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "PERMISSION_DENIED", "message": "token expired"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        with pytest.raises(MlflowException, match="token expired"):
+            current_champion("any", client=MlflowClient(f"http://127.0.0.1:{server.server_address[1]}"))
+    finally:
+        server.shutdown()

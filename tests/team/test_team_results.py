@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def _machine(root: Path, name: str, base: str, tracking_uri: str) -> Path:
     doc["calibrate"] = {**doc["calibrate"], "pool_scenes": 4, "n_clusters": 2, "n_per_cluster": 1, "n_init": 1}
     doc["pipeline"] = {
         "base_weights": base, "jobs": [{"method": "rtn", "wbits": 8, "abits": 8}],
-        "calib_scenes": 1, "eval_scenes": 1, "eval_frames": 2, "out_dir": "runs/pipeline",
+        "eval_scenes": 1, "eval_frames": 2, "out_dir": "runs/pipeline",
         "mlflow_tracking_uri": tracking_uri,
     }  # fmt: skip
     (work / "params.yaml").write_text(yaml.safe_dump(doc))
@@ -125,9 +126,14 @@ def test_second_machine_gets_cache_hits_from_the_bucket(
     results = _keyed(_objects(s3, f"{PREFIX}/results/"))
     assert len(results) == len(CACHED_STEPS), sorted(results)
     artifacts = _objects(s3, f"{PREFIX}/artifacts/runs/pipeline/")
-    ckpt = "runs/pipeline/models/rtn-w8a8/model.safetensors"
-    assert {f"{PREFIX}/artifacts/{ckpt}", f"{PREFIX}/artifacts/runs/pipeline/eval/metrics.json",
-            f"{PREFIX}/artifacts/runs/pipeline/calib/manifest.json"} <= set(artifacts)  # fmt: skip
+    # Each step's folder is named by its cache key: runs/pipeline/<step folder>/<key>/<file>.
+    paths = {a.removeprefix(f"{PREFIX}/artifacts/") for a in artifacts}
+    (ckpt,) = [a for a in paths if re.fullmatch(r"runs/pipeline/models/[0-9a-f]{16}/rtn-w8a8/model\.safetensors", a)]
+    for pattern in (
+        r"runs/pipeline/eval/[0-9a-f]{16}/metrics\.json",
+        r"runs/pipeline/calib/[0-9a-f]{16}/manifest\.json",
+    ):
+        assert len([a for a in paths if re.fullmatch(pattern, a)]) == 1, (pattern, sorted(paths))
 
     shutil.rmtree(a / "runs")  # nothing of A's on disk that B could see
     log_b = _run(b, code, s3_endpoint, prefect_server.url)
@@ -142,6 +148,9 @@ def test_second_machine_gets_cache_hits_from_the_bucket(
     exp = client.get_experiment_by_name(f"qvggt-{sha[:12]}")  # named by the pulled weights' sha256
     (run,) = client.search_runs([exp.experiment_id])  # B's track step was a hit: nothing logged twice
     assert run.data.tags["base_sha256"] == sha
+    # Artifacts go through the server to its store (s3://<bucket>/mlflow), not to the logging machine's disk.
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+    assert any(k.endswith("/checkpoint/model.safetensors") for k in _objects(s3, "mlflow/"))
     (version,) = client.search_model_versions("name = 'qvggt-shared-tiny'")  # named after the object's folder
     assert version.tags["base_sha256"] == sha  # what the watcher compares with the object's recorded sha256
 

@@ -66,7 +66,12 @@ def test_prefect_yaml_deployments() -> None:
     if (REPO / "flows" / "quantize_vggt.py").exists():
         from prefect.flows import load_flow_from_entrypoint
 
-        assert load_flow_from_entrypoint(str(REPO / quantize["entrypoint"])).name == "quantize-vggt"
+        quantize_flow = load_flow_from_entrypoint(str(REPO / quantize["entrypoint"]))
+        assert quantize_flow.name == "quantize-vggt"
+        # The weekly run quantizes the deployment's weights, not the image's default checkpoint.
+        assert quantize["parameters"] == {"base_weights": "{{ $QVGGT_BASE_WEIGHTS }}",
+                                          "base_model": "{{ $QVGGT_BASE_MODEL }}"}  # fmt: skip
+        assert set(quantize["parameters"]) <= set(quantize_flow.parameters.properties)
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +142,27 @@ def test_watcher_starts_run_only_when_weights_change(
     assert new["changed"] and new["flow_run_id"], new
     runs = _runs_of(prefect_server, quantize_deployment)
     assert [r["id"] for r in runs] == [new["flow_run_id"]]
-    assert runs[0]["parameters"] == {"base_weights": str(weights)}
+    # base_model too: the run registers under the name this watcher reads the champion of.
+    assert runs[0]["parameters"] == {"base_weights": str(weights), "base_model": BASE_MODEL}
     assert runs[0]["state_type"] == "SCHEDULED"
     assert "base-weights-changed" in runs[0]["tags"]
+    # Keyed on the new weights and the champion's: a later rollback to release 1 (champion: release 2) is new.
+    assert runs[0]["idempotency_key"] == f"base-weights:sha256:{sha256_file(weights)}:from:{sha1}:attempt-1"
 
     # The next tick with the same new weights (the quantize run has not finished yet): no second run.
     again = _watch(prefect_server, mlflow_server, team_root, weights, "changed_again")
     assert again["flow_run_id"] == new["flow_run_id"]
     assert len(_runs_of(prefect_server, quantize_deployment)) == 1
+
+    # The run fails: the next tick starts one more attempt, and the tick after that sees it scheduled.
+    with httpx.Client(base_url=prefect_server.url, timeout=30) as api:
+        body = {"state": {"type": "FAILED", "name": "Failed"}, "force": True}
+        api.post(f"/flow_runs/{new['flow_run_id']}/set_state", json=body).raise_for_status()
+    retry = _watch(prefect_server, mlflow_server, team_root, weights, "after_failure")
+    assert retry["flow_run_id"] != new["flow_run_id"] and (retry["attempt"], retry["gave_up"]) == (2, False), retry
+    again = _watch(prefect_server, mlflow_server, team_root, weights, "after_failure_again")
+    assert again["flow_run_id"] == retry["flow_run_id"]
+    assert len(_runs_of(prefect_server, quantize_deployment)) == 2
 
 
 def test_watcher_deployment_run_by_worker(
@@ -213,4 +231,4 @@ def test_watcher_deployment_run_by_worker(
         state = api.get(f"/flow_runs/{tick}").raise_for_status().json()["state_type"]
     assert state == "COMPLETED", (proc.stdout + proc.stderr)[-3000:]
     new = [r for r in _runs_of(prefect_server, quantize_deployment) if r["id"] not in before]
-    assert len(new) == 1 and new[0]["parameters"] == {"base_weights": str(weights)}
+    assert len(new) == 1 and new[0]["parameters"] == {"base_weights": str(weights), "base_model": BASE_MODEL}
