@@ -313,6 +313,21 @@ class ProjectConfig(Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
+    @model_validator(mode="after")
+    def _fits_the_splits(self) -> ProjectConfig:
+        # Scene counts drawn from a split must fit in it: found here, at load, not after an hour of calibration.
+        for field_name, count, split in (
+            ("calibrate.pool_scenes", self.calibrate.pool_scenes, "calib_seeds"),
+            ("pipeline.eval_scenes", self.pipeline.eval_scenes, "eval_seeds"),
+        ):
+            seeds = getattr(self.data, split)
+            size = seeds.stop - seeds.start
+            if count > size:
+                raise ValueError(
+                    f"{field_name}={count} is more than the {size} scenes of data.{split}: lower it or widen the split"
+                )
+        return self
+
 
 class ConfigError(ValueError):
     """params.yaml is missing, malformed, or has invalid values."""

@@ -5,6 +5,7 @@
 #   bash scripts/calibration_stability.sh                      # ~10 min on 2 cores
 #   SEEDS="0 1" SCENES=8 OUT=runs/stab_quick bash scripts/calibration_stability.sh
 #   CODE=a05187f bash scripts/calibration_stability.sh         # qvggt as of that commit (git archive, PYTHONPATH)
+#   QUANT_ARGS="--recon-time-budget 0" bash ...                # extra `qvggt quantize` flags (0: reproducible)
 # The stress variant must exist first: qvggt stress-model --out runs/stress/model.safetensors
 set -euo pipefail
 OUT=${OUT:-runs/calib_stability}
@@ -12,6 +13,7 @@ SEEDS=${SEEDS:-0 1 2 3 4}
 MODES=${MODES:-random nfds}
 SCENES=${SCENES:-32}
 BASES=${BASES:-small=models/small/model.safetensors stress=runs/stress/model.safetensors}
+read -r -a QUANT_ARGS <<< "${QUANT_ARGS:-}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 Q=.venv/bin/qvggt
 if [[ -n ${CODE:-} ]]; then
@@ -31,7 +33,7 @@ for base in $BASES; do
       # NFDS reads the model's deep-layer statistics, so each base model gets its own manifests.
       $Q calibrate --mode $mode --seed $seed --model $ckpt --out $dir/calib-$mode-s$seed > /dev/null
       $Q quantize --method quantvggt --wbits 4 --abits 4 --model $ckpt \
-        --calib-manifest $dir/calib-$mode-s$seed/manifest.json --out $dir/$mode-s$seed > /dev/null
+        --calib-manifest $dir/calib-$mode-s$seed/manifest.json --out $dir/$mode-s$seed "${QUANT_ARGS[@]}" > /dev/null
       compare+=(--compare $dir/$mode-s$seed/model.safetensors)
     done
   done

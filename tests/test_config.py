@@ -42,6 +42,10 @@ def test_shipped_training_configs_are_valid(path: Path) -> None:
             "pipeline:\n  jobs: [{method: rtn, wbits: 4, abits: 4}, {method: rtn, wbits: 4, abits: 4, options: {}}]\n",
             "distinct",
         ),
+        ("data:\n  eval_seeds: {start: 200000, stop: 200004}\n", "pipeline.eval_scenes=8 is more than the 4 scenes"),
+        ("calibrate:\n  pool_scenes: 30\ndata:\n  calib_seeds: {start: 100000, stop: 100020}\n", "pool_scenes=30"),
+        ("pipeline:\n  device: gpu\n", "pipeline.device"),
+        ("pipeline:\n  calib_scenes: 8\n", "calib_scenes"),
     ],
 )
 def test_bad_params_fail_with_key_named(tmp_path: Path, text: str, message: str) -> None:

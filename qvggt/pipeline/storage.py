@@ -191,7 +191,12 @@ class S3Store:
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
                 raise
-            self.client.create_bucket(Bucket=self.settings.bucket)
+            region = self.client.meta.region_name
+            # AWS refuses a create without LocationConstraint outside us-east-1 (and one naming us-east-1).
+            config = {} if region in (None, "", "us-east-1") else {
+                "CreateBucketConfiguration": {"LocationConstraint": region}
+            }  # fmt: skip
+            self.client.create_bucket(Bucket=self.settings.bucket, **config)
 
     # -- transfers -----------------------------------------------------------------------------------------
 

@@ -159,3 +159,12 @@ def test_persistent_fault_fails_with_clear_error(fault_proxy: FaultProxy, tmp_pa
         assert isinstance(err.value, OSError)
     finally:
         fault_proxy.fail_next(0)
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
+def test_ensure_bucket_in_any_region(s3_endpoint: str, region: str) -> None:
+    """Outside us-east-1 S3 refuses a create without a LocationConstraint (moto enforces it as AWS does)."""
+    store = S3Store(S3Settings(bucket=f"made-in-{region}", prefix="p", endpoint_url=s3_endpoint, region=region))
+    store.ensure_bucket()
+    store.ensure_bucket()  # idempotent
+    assert store.client.head_bucket(Bucket=f"made-in-{region}")["ResponseMetadata"]["HTTPStatusCode"] == 200
