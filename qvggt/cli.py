@@ -89,9 +89,11 @@ def predict(
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the final model and its metrics.")] = Path(
-        "models/small"
-    ),
+    # No default: a default of models/small let a smoke run overwrite the embedded model that predict and the
+    # pipeline use; the DVC stage names it explicitly.
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the final model and its metrics (e.g. runs/train/model).")
+    ],
     work_dir: Annotated[Path, typer.Option(help="Resumable training state.")] = Path("runs/train"),
     cache_dir: Annotated[Path, typer.Option(help="Rendered training-scene cache.")] = Path("runs/cache"),
     export_dtype: Annotated[str, typer.Option(help="float32 or float16 for the exported model.")] = "float16",
@@ -112,7 +114,10 @@ def train(
         if export_dtype not in dtypes:
             raise ValueError(f"unknown --export-dtype {export_dtype!r}; use float32 or float16")
         cfg = load_config(params)
-        tcfg = cfg.train if steps is None else cfg.train.model_copy(update={"steps": steps})
+        # Validated again with the override (model_copy would skip the checks: warm-up and phases must fit).
+        tcfg = (
+            cfg.train if steps is None else type(cfg.train).model_validate({**cfg.train.model_dump(), "steps": steps})
+        )
         result = run(tcfg, cfg.data, out, work_dir, cache_dir, device, dtypes[export_dtype])
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         _fail(exc)

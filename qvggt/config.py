@@ -47,6 +47,8 @@ class DataConfig(Section):
     train_seeds: SeedRange = SeedRange(start=0, stop=100_000)
     calib_seeds: SeedRange = SeedRange(start=100_000, stop=110_000)
     eval_seeds: SeedRange = SeedRange(start=200_000, stop=210_000)
+    # Training's held-out validation (and its gate): its own scenes, so a run is never tuned on the benchmark's.
+    val_seeds: SeedRange = SeedRange(start=210_000, stop=211_000)
     num_frames: int = Field(8, ge=1)
     height: int = Field(126, gt=0)
     width: int = Field(126, gt=0)
@@ -58,7 +60,10 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        ranges = {"train_seeds": self.train_seeds, "calib_seeds": self.calib_seeds, "eval_seeds": self.eval_seeds}
+        ranges = {
+            "train_seeds": self.train_seeds, "calib_seeds": self.calib_seeds, "eval_seeds": self.eval_seeds,
+            "val_seeds": self.val_seeds,
+        }  # fmt: skip
         names = list(ranges)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -154,8 +159,9 @@ class TrainConfig(Section):
 
     #: Fields that do not change the trained weights: a run may resume with other values of them.
     NOT_TRAINING: ClassVar[frozenset[str]] = frozenset(
-        {"val_every", "val_scenes", "gate_step", "gate_min_gain", "gate_min_yaw_corr"}
-    )
+        {"val_every", "val_scenes", "gate_step", "gate_min_gain", "gate_min_yaw_corr", "log_every",
+         "checkpoint_every", "mlflow_tracking_uri"}
+    )  # fmt: skip
 
     def training_signature(self) -> str:
         """JSON of the fields that determine the trained weights (what a resumed run must share). Without a restart

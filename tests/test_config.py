@@ -31,6 +31,7 @@ def test_shipped_training_configs_are_valid(path: Path) -> None:
         ("data:\n  num_frames: zero\n", "data.num_frames"),
         ("data:\n  height: 130\n", "multiple of 14"),
         ("data:\n  calib_seeds: {start: 0, stop: 10}\n  eval_seeds: {start: 5, stop: 20}\n", "overlap"),
+        ("data:\n  val_seeds: {start: 200000, stop: 200100}\n", "data.eval_seeds and data.val_seeds overlap"),
         ("predict:\n  preset: huge\n", "predict.preset"),
         ("predict:\n  dtype: float8\n", "predict.dtype"),
         ("unknown_section: {}\n", "unknown_section"),

@@ -37,9 +37,11 @@ def match_targets(batch: dict[str, Tensor], patch_size: int, depth_tol: float = 
     zs = z.clamp(min=1e-6)
     u = K[:, None, None, 0, 0].double() * pts[..., 0] / zs + K[:, None, None, 0, 2].double()
     v = K[:, None, None, 1, 1].double() * pts[..., 1] / zs + K[:, None, None, 1, 2].double()
-    inside = (z > 1e-4) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
-    ui = u.clamp(0, W - 1).floor().long()
-    vi = v.clamp(0, H - 1).floor().long()
+    # Pixel (i, j) is the ray through image point (i, j) (qvggt.data.synthetic: pixel centres on integers), so a
+    # projection lands in the pixel it rounds to, and the image spans [-0.5, W - 0.5).
+    inside = (z > 1e-4) & (u >= -0.5) & (u < W - 0.5) & (v >= -0.5) & (v < H - 0.5)
+    ui = (u + 0.5).floor().clamp(0, W - 1).long()
+    vi = (v + 0.5).floor().clamp(0, H - 1).long()
     rows = torch.arange(B, device=pts.device)[:, None, None]
     seen = valid[:, 0][rows, vi, ui] & ((depth[:, 0][rows, vi, ui].double() - z).abs() <= depth_tol * z)
     index = (vi // patch_size).clamp(max=gh - 1) * gw + (ui // patch_size).clamp(max=gw - 1)

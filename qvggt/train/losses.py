@@ -12,6 +12,7 @@ Shape legend: B batch, S frames, H/W image size, C channels (1 depth, 3 points),
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,15 @@ def drop_outliers(loss: Tensor, quantile: float, min_elements: int = 1000, hard_
     if loss.numel() <= min_elements or quantile >= 1:
         return loss
     loss = loss.clamp(max=hard_max)
-    sample = loss.detach()
-    if sample.numel() > 1_000_000:  # torch.quantile's input limit
-        sample = sample.flatten()[torch.randperm(sample.numel(), device=loss.device)[:1_000_000]]
-    keep = loss < min(float(torch.quantile(sample, quantile)), hard_max)
+    sample = loss.detach().flatten()
+    if sample.numel() > 1_000_000:
+        # Beyond torch.quantile's input limit: the exact order statistic. (A random subsample drew from the global
+        # generator, which a resumed run does not restore: resume would no longer be exact.)
+        k = min(sample.numel(), max(1, math.ceil(quantile * sample.numel())))
+        threshold = float(torch.kthvalue(sample, k).values)
+    else:
+        threshold = float(torch.quantile(sample, quantile))
+    keep = loss < min(threshold, hard_max)
     return loss[keep] if keep.sum() > min_elements else loss
 
 

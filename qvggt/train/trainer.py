@@ -206,6 +206,28 @@ def _truncate_metrics(path: Path, step: int) -> None:
             writer.writerows(rows)
 
 
+def _resume_mismatch(state: dict, cfg: TrainConfig, data_signature: dict) -> list[str]:
+    """What differs between a saved run and this one, as ``key: saved -> now`` lines ([] = it may resume).
+
+    Keys only the saved signature has are fields that have since left it (they do not change the weights). States
+    written before the data splits were recorded carry no ``data``: those resume on the caller's word."""
+    import json
+
+    saved, now = json.loads(state["config"]), json.loads(cfg.training_signature())
+    diffs = [
+        f"train.{k}: {saved.get(k, '<absent>')!r} -> {now[k]!r}" for k in sorted(now) if saved.get(k, ...) != now[k]
+    ]
+    old_data = state.get("data")
+    if old_data is not None:
+        diffs += [f"data.{k}: {old_data.get(k)!r} -> {v!r}" for k, v in data_signature.items() if old_data.get(k) != v]
+    return diffs
+
+
+def _data_signature(data: DataConfig) -> dict:
+    """The data settings that decide which scenes a run trains on (what a resumed run must share)."""
+    return {"train_seeds": data.train_seeds.model_dump(), "heldout_categories": list(data.heldout_categories)}
+
+
 def train(
     cfg: TrainConfig,
     data: DataConfig,
@@ -243,8 +265,12 @@ def train(
     state_path = work_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["config"] != cfg.training_signature():
-            raise ValueError(f"{state_path} was written with other train settings: delete {work_dir} or restore them")
+        diffs = _resume_mismatch(state, cfg, _data_signature(data))
+        if diffs:
+            raise ValueError(
+                f"{state_path} was written with other settings ({'; '.join(diffs)}): restore them, or delete "
+                f"{work_dir} to start over"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -260,6 +286,7 @@ def train(
             "scheduler": sched.state_dict(),
             "step": step,
             "config": cfg.training_signature(),
+            "data": _data_signature(data),
         }
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)

@@ -1,7 +1,8 @@
 """Held-out validation during training, and the gate that stops a run whose camera pose is not learning.
 
-Validation scores the model on the first ``val_scenes`` scenes of the evaluation split (``data.eval_seeds``, each
-seed in its default category ``CATEGORIES[seed % 8]``, so the held-out categories are in), rendered with
+Validation scores the model on the first ``val_scenes`` scenes of the validation split (``data.val_seeds``, disjoint
+from the evaluation split the benchmark and the pipeline score on; before session 12 it took the first evaluation
+seeds), each seed in its default category ``CATEGORIES[seed % 8]``, so the held-out categories are in, rendered with
 ``num_frames`` frames: the protocol of ``qvggt eval --frames S`` on ``synthetic:eval``. It reports, pooled over
 the scenes, the median relative rotation and translation-direction errors of all frame pairs, pose AUC@30, the
 same median rotation error of identity poses (the trivial baseline the issue's bar is stated against), and the
@@ -16,8 +17,8 @@ the visible ground-truth matches (:mod:`qvggt.train.correspondence`).
 
 The gate: ``train.gate_step`` names the step at which the held-out rotation error must be at least
 ``train.gate_min_gain`` (a fraction) below identity's and, when ``train.gate_min_yaw_corr`` is set, ``yaw_corr`` at
-least that; the first validation at or after it decides, and a run that fails stops there with :class:`GateFailed`
-(its state stays resumable in ``work_dir``). A long retrain thereby
+least that; every validation at or after it is judged (a run that passed once and then falls back under the bar is
+stopped too), and a run that fails stops there with :class:`GateFailed` (its state stays resumable in ``work_dir``). A long retrain thereby
 spends its hours only while pose is being learned.
 """
 
@@ -70,10 +71,10 @@ class ValidationResult:
 
 
 def validation_scenes(data: DataConfig, n: int) -> tuple[list[int], list[str]]:
-    """The first ``n`` evaluation seeds and their default categories (all 8, the held-out ones included)."""
-    seeds = list(data.eval_seeds.seeds()[:n])
+    """The first ``n`` validation seeds and their default categories (all 8, the held-out ones included)."""
+    seeds = list(data.val_seeds.seeds()[:n])
     if len(seeds) < n:
-        raise ValueError(f"train.val_scenes={n} exceeds the {len(seeds)} seeds of data.eval_seeds")
+        raise ValueError(f"train.val_scenes={n} exceeds the {len(seeds)} seeds of data.val_seeds")
     return seeds, [CATEGORIES[s % len(CATEGORIES)] for s in seeds]
 
 

@@ -57,6 +57,17 @@ def test_outliers_above_the_quantile_are_dropped() -> None:
     assert kept.max() < 1.0 and 1950 < kept.numel() < 2000
 
 
+def test_outliers_of_a_large_batch_are_cut_exactly_and_without_random_draws() -> None:
+    """Above torch.quantile's 1M-element limit the threshold is the exact order statistic, and the global generator
+    is left alone (a resumed run does not restore it, so a draw there would break exact resume)."""
+    loss = torch.arange(2_000_000, dtype=torch.float32) / 2_000_000  # uniform in [0, 1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    kept = drop_outliers(loss, 0.98)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert kept.numel() == 1_959_999 and float(kept.max()) < 0.98  # everything below the 1,960,000th value
+
+
 def test_total_loss_is_zero_camera_for_perfect_pose() -> None:
     B, S, H, W = 1, 2, 14, 14
     extr = torch.eye(3, 4).expand(B, S, 3, 4).clone()

@@ -115,3 +115,21 @@ def test_matcher_phase_learns_matches_on_fixed_scenes(tmp_path: Path) -> None:
     with open(tmp_path / "m" / "metrics.csv") as f:
         top1 = [float(r["match_top1"]) for r in csv.DictReader(f)]
     assert top1[0] < 0.15 and np.mean(top1[-3:]) > 0.8  # chance is 1/81
+
+
+def test_a_projection_lands_in_the_pixel_it_rounds_to() -> None:
+    """Pixel centres sit on integer coordinates (qvggt.data.synthetic): a point projecting to u = 13.7 is pixel 14,
+    the first of the second patch column, not pixel 13 (floor), the last of the first."""
+    h = w = 2 * PS
+    f, c = 20.0, w / 2
+    point = torch.tensor([(13.7 - c) / f, (7.0 - c) / f, 1.0])  # projects to (u, v) = (13.7, 7.0) at depth 1
+    batch = {
+        "world_points": point.expand(1, 2, h, w, 3).clone(),
+        "valid_mask": torch.ones(1, 2, h, w, dtype=torch.bool),
+        "depth": torch.ones(1, 2, h, w),
+        "intrinsics": torch.tensor([[f, 0, c], [0, f, c], [0, 0, 1]]).expand(1, 2, 3, 3),
+    }
+    index, visible = match_targets(batch, PS)
+    assert bool(visible.all()) and bool((index == 1).all())  # patch (row 0, column 1)
+    batch["world_points"][..., 0] = (w - 0.4 - c) / f  # u = W - 0.4: outside the image's last pixel
+    assert not bool(match_targets(batch, PS)[1].any())

@@ -66,15 +66,16 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path: Path, cache_root: 
 
 def test_resume_with_other_settings_is_refused(tmp_path: Path, cache_root: Path) -> None:
     train(CFG, DataConfig(), tmp_path / "o", tmp_path / "w", cache_root, stop_after=2, progress=False)
-    with pytest.raises(ValueError, match="other train settings"):
-        train(
-            CFG.model_copy(update={"lr": 5e-4}),
-            DataConfig(),
-            tmp_path / "o",
-            tmp_path / "w",
-            cache_root,
-            progress=False,
-        )
+    with pytest.raises(ValueError, match=r"other settings \(train\.lr: .* -> 0\.0005\)"):  # names what differs
+        train(CFG.model_copy(update={"lr": 5e-4}), DataConfig(), tmp_path / "o", tmp_path / "w", cache_root,
+              progress=False)  # fmt: skip
+    # Other training scenes: refused too (the signature held only the train section before).
+    other_scenes = DataConfig(train_seeds={"start": 1, "stop": 100_000})
+    with pytest.raises(ValueError, match=r"data\.train_seeds"):
+        train(CFG, other_scenes, tmp_path / "o", tmp_path / "w", cache_root, progress=False)
+    # Logging and checkpoint cadence do not change the weights: the run resumes (and finishes) with others.
+    relogged = CFG.model_copy(update={"log_every": 3, "checkpoint_every": 3})
+    assert train(relogged, DataConfig(), tmp_path / "o", tmp_path / "w", cache_root, progress=False).steps == 4
 
 
 def test_schedule_and_data_order() -> None:

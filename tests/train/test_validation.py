@@ -71,9 +71,11 @@ class _PoseOracle(nn.Module):
         return out
 
 
-def test_validation_scenes_are_the_eval_split_in_all_categories() -> None:
-    seeds, cats = validation_scenes(DataConfig(), 9)
-    assert seeds == list(range(200_000, 200_009)) and set(cats) == set(CATEGORIES)
+def test_validation_scenes_are_their_own_split_in_all_categories() -> None:
+    data = DataConfig()
+    seeds, cats = validation_scenes(data, 9)
+    assert seeds == list(range(210_000, 210_009)) and set(cats) == set(CATEGORIES)
+    assert not set(seeds) & set(data.eval_seeds.seeds())  # never the benchmark's scenes
     with pytest.raises(ValueError, match="exceeds"):
         validation_scenes(DataConfig(), 20_000)
 
