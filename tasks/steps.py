@@ -22,7 +22,7 @@ def _quantize_key(context: Any, p: dict[str, Any]) -> str:
         "quantize", [p["base_weights"], *manifest],
         {"job": p["job"], "calib_scenes": scenes, "out": p["out_dir"], "data": p.get("data"),
          "device": p.get("device", "cpu")},
-        ("quant", "model", "data", "calib"),
+        ("quant", "model", "data", "calib", "eval"),  # eval: the manifest's samples are rendered through it
     )  # fmt: skip
 
 
