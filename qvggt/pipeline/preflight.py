@@ -48,7 +48,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise TrackingUnavailableError(
             f"MLflow tracking server {uri} is unreachable ({problem}): start it (mlflow server --backend-store-uri "
             "sqlite:///mlflow.db --host 127.0.0.1), or set pipeline.mlflow_tracking_uri to a "
-            "reachable server or a local sqlite:///path.db"
+            "reachable server or a local sqlite:///path.db (MLFLOW_TRACKING_URI, when set, takes precedence)"
         )
     if parsed.scheme in ("", "file"):
         raise TrackingUnavailableError(
