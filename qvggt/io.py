@@ -20,7 +20,8 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path in ``path``'s folder; on clean exit it replaces ``path``, on error it is deleted.
+    """Yield a temp path in ``path``'s folder; on clean exit it is flushed to disk and replaces ``path``, on error it
+    is deleted.
 
     Parent folders are created. The file gets the permissions a plain ``open`` would give (mkstemp's are 0600).
     """
@@ -31,6 +32,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        # On disk before the name points at it: after a power loss the file is the old one or the new one, never
+        # the empty file a rename of unflushed data can leave.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

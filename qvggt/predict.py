@@ -15,6 +15,9 @@ Writes, into the output folder:
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,32 +109,45 @@ def predict(
         steps.update()
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = {name: out_dir / f for name, f in OUTPUT_FILES.items()}
-
-        with atomic_open(paths["predictions"]) as f:
-            np.savez_compressed(f, **arrays)
-        points_key, conf_key = POINT_SOURCES[points]
-        cloud, colors = confident_points(
-            arrays[points_key], arrays[conf_key], arrays["images"], percentile=conf_percentile, seed=seed
-        )
-        write_ply(paths["ply"], cloud, colors)
-        steps.update()
-
-        steps.set_postfix_str("rendering figure")
-        gt_points = gt_colors = None
-        if inputs.gt_points is not None:
-            gt_points, gt_colors = confident_points(
-                inputs.gt_points, inputs.gt_mask.astype(np.float32), arrays["images"], percentile=0, mask=inputs.gt_mask
+        # The three files are written into a staging folder and moved into place together at the end, so a failure
+        # (e.g. in the figure) never leaves new predictions beside an older run's figure.
+        staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".predict-"))
+        try:
+            staged = _write_outputs(
+                staging, arrays, inputs, points, conf_percentile, seed, f"{inputs.name}: {cfg.name} ({dtype})", steps
             )
-        save_prediction_figure(
-            paths["png"],
-            arrays["images"],
-            arrays["depth"],
-            cloud,
-            colors,
-            gt_points=gt_points,
-            gt_colors=gt_colors,
-            title=f"{inputs.name}: {cfg.name} ({dtype})",
+            paths = {name: out_dir / path.name for name, path in staged.items()}
+            for name, path in staged.items():
+                os.replace(path, paths[name])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def _write_outputs(
+    folder: Path, arrays: dict, inputs: Inputs, points: str, conf_percentile: float, seed: int, title: str,
+    steps: tqdm,
+) -> dict[str, Path]:  # fmt: skip
+    """predictions.npz, the confident point cloud (PLY) and the figure, in ``folder``; their paths."""
+    paths = {name: folder / f for name, f in OUTPUT_FILES.items()}
+    with atomic_open(paths["predictions"]) as f:
+        np.savez_compressed(f, **arrays)
+    points_key, conf_key = POINT_SOURCES[points]
+    cloud, colors = confident_points(
+        arrays[points_key], arrays[conf_key], arrays["images"], percentile=conf_percentile, seed=seed
+    )
+    write_ply(paths["ply"], cloud, colors)
+    steps.update()
+
+    steps.set_postfix_str("rendering figure")
+    gt_points = gt_colors = None
+    if inputs.gt_points is not None:
+        gt_points, gt_colors = confident_points(
+            inputs.gt_points, inputs.gt_mask.astype(np.float32), arrays["images"], percentile=0, mask=inputs.gt_mask
         )
-        steps.update()
+    save_prediction_figure(
+        paths["png"], arrays["images"], arrays["depth"], cloud, colors, gt_points=gt_points, gt_colors=gt_colors,
+        title=title,
+    )  # fmt: skip
+    steps.update()
     return paths

@@ -67,7 +67,13 @@ def build_cache(
         del arrays
         meta = {"version": CACHE_VERSION, "seeds": seeds, "categories": categories, "num_frames": s, "size": size}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            # Another process finished the same cache first (same key, same content): use its copy.
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -119,3 +119,21 @@ def test_params_yaml_model_is_the_default(tmp_path: Path) -> None:
         expected = model(inputs.images)["depth"][0].numpy()
     with np.load(tmp_path / "o" / "predictions.npz") as npz:
         assert np.allclose(npz["depth"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failure_leaves_the_previous_outputs_as_a_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three files are moved into place together: a run that fails in the figure leaves the previous run's
+    predictions, cloud and figure, not new predictions beside an old figure."""
+    import qvggt.predict
+
+    assert _run("synthetic:5", "--preset", "tiny", "--frames", "2", "--out", str(tmp_path)).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"predictions.npz", "points.ply", "prediction.png"}
+
+    def broken_figure(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("figure backend failed")
+
+    monkeypatch.setattr(qvggt.predict, "save_prediction_figure", broken_figure)
+    res = _run("synthetic:6", "--preset", "tiny", "--frames", "3", "--out", str(tmp_path))
+    assert res.exit_code == 1 and "figure backend failed" in res.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no staging folder left either

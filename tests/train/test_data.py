@@ -105,3 +105,27 @@ def test_frame_windows_stride_and_range() -> None:
     assert set(frame_windows(rng, 64, 2, 8, 1)[:, 0]) == set(range(7))  # every start is used
     with pytest.raises(ValueError, match="do not fit"):
         frame_windows(rng, 1, 4, 16, 6)
+
+
+def test_two_builds_of_one_cache_both_succeed(tmp_path) -> None:
+    """Two processes (here threads) rendering the same cache at once: the one that renames second uses the first's
+    folder (same key, same content) instead of failing on the occupied name."""
+    import threading
+
+    from qvggt.train.data import build_cache
+
+    results, errors = [], []
+
+    def build() -> None:
+        try:
+            results.append(build_cache(tmp_path, [5, 6, 7], ["boxes", "spheres", "boxes"], 2, 56, progress=False))
+        except Exception as exc:  # noqa: BLE001 (collected for the assertion)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert (results[0] / "meta.json").is_file() and not list(tmp_path.glob(".building-*"))
