@@ -34,16 +34,7 @@ from qvggt.pipeline.results import SharedCache
 from qvggt.pipeline.tracking import artifact_root_for, resolve_tracking_uri, run_exists
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
 from tasks.compare import compare_configs
-from tasks.steps import (
-    QUANTIZE_CALIB_SCENES,
-    benchmark,
-    evaluate,
-    fetch_base_weights,
-    quantize,
-    register,
-    track,
-    verify_base_weights,
-)
+from tasks.steps import benchmark, evaluate, fetch_base_weights, quantize, register, track, verify_base_weights
 
 # QVGGT_RESULT_STORAGE=s3://bucket/prefix: task results and step artifacts in a bucket, a cache machines share
 # (qvggt.pipeline.results). Read at import, so a deployment's worker picks it up from its environment.
@@ -138,7 +129,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     manifest = _calibration_set(base, project, out / "calib")
     jobs = [job.model_dump() for job in cfg.jobs]
     data = project.data.model_dump(mode="json")  # the splits every step draws from, part of their cache keys
-    job_args = [(job, base, str(out / "models"), manifest, data, QUANTIZE_CALIB_SCENES, device) for job in jobs]
+    job_args = [(job, base, str(out / "models"), manifest, data, device) for job in jobs]
     if device == "cpu":  # concurrently: each job's model copy in host memory
         futures = [quantize.submit(*args) for args in job_args]
         results = [f.result() for f in futures]

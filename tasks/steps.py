@@ -13,6 +13,7 @@ from qvggt.pipeline.cache import step_key
 from tasks.common import data_config, keyed_dir, maybe_inject_fault, retry_transient
 
 RETRY = {"retries": 2, "retry_delay_seconds": 1, "retry_condition_fn": retry_transient, "persist_result": True}
+QUANTIZE_CALIB_SCENES = 8  # the quantize step's calibration split scenes when it is given no manifest
 
 
 def _quantize_key(context: Any, p: dict[str, Any]) -> str:
@@ -45,13 +46,10 @@ def verify_base_weights(base_weights: str) -> str:
     return sha256_file(base_weights)
 
 
-QUANTIZE_CALIB_SCENES = 8
-
-
 @task(name="quantize", cache_key_fn=_quantize_key, **RETRY)
 def quantize(
     job: dict, base_weights: str, out_dir: str, calib_manifest: str | None = None, data: dict | None = None,
-    calib_scenes: int = QUANTIZE_CALIB_SCENES, device: str = "cpu",
+    device: str = "cpu", calib_scenes: int = QUANTIZE_CALIB_SCENES,
 ) -> str:  # fmt: skip
     """Quantize ``base_weights`` as ``job`` ({method, wbits, abits}) on the calibration set of ``calib_manifest``
     (the cluster-frames step's output; ``data``: params.yaml ``data``, the splits it was drawn from), or without
