@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 
 from qvggt.config import ProjectConfig, job_name, load_config
 from qvggt.io import sha256_file
-from qvggt.pipeline.preflight import check_tracking_uri
+from qvggt.pipeline.preflight import check_tracking_uri, resolve_device
 from qvggt.pipeline.results import SharedCache
 from qvggt.pipeline.tracking import artifact_root_for, resolve_tracking_uri, run_exists
 from tasks.calibration import build_pool, cluster_frames, collect_stats, filter_noisy
@@ -83,15 +83,6 @@ def _base_model_name(base_weights: str) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
-def _device(setting: str) -> str:
-    """params.yaml ``pipeline.device`` on this worker: "auto" is its GPU when it has one."""
-    import torch
-
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ValueError("pipeline.device is 'cuda' but this worker has no CUDA GPU: set it to 'auto' or 'cpu'")
-    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"
-
-
 def _calibration_set(base: str, project: ProjectConfig, out: Path) -> str:
     """NFDS as four cached steps (params.yaml ``calibrate``, on the flow's base weights); the manifest's path."""
     c, data, where = project.calibrate, project.data.model_dump(mode="json"), str(out)
@@ -118,7 +109,7 @@ def quantize_vggt(base_weights: str | None = None, params: str = "params.yaml", 
     cfg = project.pipeline
     tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri)  # a deployment's MLFLOW_TRACKING_URI wins
     check_tracking_uri(tracking_uri)  # an unreachable server fails now, not after the quantization
-    device = _device(cfg.device)  # as does "cuda" on a worker without a GPU
+    device = resolve_device(cfg.device)  # as does "cuda" on a worker without a GPU
     source = base_weights or cfg.base_weights
     model_name = base_model or _base_model_name(source)
     # s3:// weights are pulled (sha256-verified) into the local weights cache; every step reads that copy, and the

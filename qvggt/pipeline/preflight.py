@@ -1,5 +1,5 @@
 """Checks a flow runs before any work, so a setting that cannot work fails at once instead of after an hour of
-quantization: today, whether the MLflow tracking store can be reached.
+quantization: whether the MLflow tracking store can be reached, and whether the device asked for is there.
 
 MLflow's client retries an unreachable HTTP server for minutes (exponential back-off) and only when the first
 run is logged; here one short probe decides, and the error names the fix.
@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-__all__ = ["TrackingUnavailableError", "check_tracking_uri"]
+__all__ = ["TrackingUnavailableError", "check_tracking_uri", "resolve_device"]
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -56,3 +56,13 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             "use sqlite:///path.db (or an http:// server)"
         )
     # databricks://, postgresql://... : MLflow's own client will say what is wrong; nothing cheap to probe here.
+
+
+def resolve_device(setting: str) -> str:
+    """params.yaml ``pipeline.device`` on this worker: "auto" is its GPU when it has one; "cuda" without one is a
+    ValueError naming the fix (before any work, not at the first model on the GPU)."""
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("pipeline.device is 'cuda' but this worker has no CUDA GPU: set it to 'auto' or 'cpu'")
+    return "cuda" if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()) else "cpu"

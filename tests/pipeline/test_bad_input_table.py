@@ -296,6 +296,18 @@ def test_unreachable_tracking_server_fails_at_once() -> None:
         check_tracking_uri("./mlruns")
 
 
+def test_pipeline_device_resolves_on_the_worker() -> None:
+    from qvggt.pipeline.preflight import resolve_device
+
+    gpu = torch.cuda.is_available()
+    assert resolve_device("cpu") == "cpu" and resolve_device("auto") == ("cuda" if gpu else "cpu")
+    if gpu:
+        assert resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU: set it to 'auto' or 'cpu'"):
+            resolve_device("cuda")
+
+
 def test_flow_with_unreachable_tracking_server_fails_before_any_work(files: dict[str, Path], tmp_path: Path) -> None:
     """The whole flow (ephemeral Prefect server in its own PREFECT_HOME): refused in seconds, nothing quantized."""
     pytest.importorskip("prefect", reason="the pipeline extra is not installed (pip install -e '.[pipeline]')")
