@@ -28,10 +28,13 @@ def _pose_error(model: torch.nn.Module, ref: torch.nn.Module, scenes: list[torch
 def test_quantvggt_beats_rtn_on_the_stress_model(stressed) -> None:
     model, calib, scenes = stressed
     err = {}
+    # No reconstruction time limit: under a binding budget the steps (so the errors) depend on the machine's load,
+    # and a loaded CI machine cut them (lnrot measured 2.63e-4 there, 2.14e-4 unlimited).
+    unlimited = {"recon_time_budget_s": None}
     for name, method, options in (
         ("rtn", "rtn", {}),
-        ("quantvggt", "quantvggt", {}),
-        ("quantvggt+lnrot", "quantvggt", {"norm_input_rotation": True}),
+        ("quantvggt", "quantvggt", unlimited),
+        ("quantvggt+lnrot", "quantvggt", {**unlimited, "norm_input_rotation": True}),
         ("quantvggt+lnrot-norecon", "quantvggt", {"norm_input_rotation": True, "reconstruct": False}),
     ):
         config = make_config(method, 8, 8, None, "default", False, options)
